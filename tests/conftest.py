@@ -1,0 +1,118 @@
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import servers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    key: str
+    secret: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+        )
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> S3Endpoint:
+    """moto's standalone S3 server on loopback, with IAM auth enforced so wrong credentials fail."""
+    import boto3
+
+    port = servers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # The first three requests (creating the user, its key and its policy) go through unauthenticated.
+    proc = servers.start(
+        [str(servers.BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        f"{url}/moto-api/",
+        log,
+        env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+    )
+    iam = boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
+    iam.create_user(UserName="vim-test")
+    key = iam.create_access_key(UserName="vim-test")["AccessKey"]
+    iam.put_user_policy(
+        UserName="vim-test",
+        PolicyName="all",
+        PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}',
+    )
+    yield S3Endpoint(url, key["AccessKeyId"], key["SecretAccessKey"])
+    servers.stop(proc)
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch) -> S3Endpoint:
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3
+
+
+@pytest.fixture(scope="session")
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(REPO / "vim_core" / "data" / "embedded" / "mnist.npz") as npz:
+        return npz["images"], npz["labels"]
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """A git checkout of the working tree in tmp, for tests that run dvc or the stage commands."""
+    dst = tmp_path / "repo"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if rel.split("/")[0] in ("data", "models", ".venv"):  # pipeline outputs are regenerated
+            continue
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dst, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
+    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dst, check=True, env=env)
+    return dst

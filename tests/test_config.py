@@ -1,0 +1,77 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vim_core.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.image_size == 32
+    assert params.data.source.kind == "embedded_mnist"
+
+
+@pytest.mark.parametrize(
+    "raw, path, rule",
+    [
+        ({"data": {"image_sise": 32}}, "data.image_sise", "Extra inputs are not permitted"),
+        ({"data": {"image_size": "big"}}, "data.image_size", "valid integer"),
+        ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "less than 1"),
+        ({"data": {"channels": 2}}, "data.channels", "1 or 3"),
+        ({"data": {"source": {"kind": "image_folder"}}}, "data.source", "url is required"),
+        (
+            {"data": {"source": {"kind": "embedded_mnist", "url": "s3://x/y"}}},
+            "data.source",
+            "url must be empty",
+        ),
+        ({"bogus": 1}, "bogus", "Extra inputs"),
+    ],
+)
+def test_bad_params_name_key_value_and_rule(raw, path, rule):
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    line = next(line for line in info.value.lines if f" {path} = " in line)
+    assert rule in line
+
+
+def test_every_problem_gets_its_own_line():
+    with pytest.raises(ConfigError) as info:
+        parse_params({"data": {"channels": 2, "test_fraction": 0.0, "extra": 1}})
+    assert len(info.value.lines) == 3
+    assert all(line.startswith("params.yaml: data.") for line in info.value.lines)
+
+
+def _vim(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "vim_core.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_check_params_cli_ok_and_broken(tmp_path):
+    ok = _vim("check-params", str(REPO / "params.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["image_size"] = 4
+    raw["data"]["shard_sz"] = 10
+    broken = tmp_path / "params.yaml"
+    broken.write_text(yaml.safe_dump(raw))
+    res = _vim("check-params", str(broken))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert any("data.image_size = 4" in line and "greater than or equal to 8" in line for line in lines)
+    assert any("data.shard_sz" in line for line in lines)
+    assert "Traceback" not in res.stderr
+
+
+def test_check_params_cli_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("data: [unclosed\n")
+    res = _vim("check-params", str(bad))
+    assert res.returncode == 2 and "not valid YAML" in res.stderr and "Traceback" not in res.stderr
+    res = _vim("check-params", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "file not found" in res.stderr

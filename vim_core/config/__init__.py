@@ -1,0 +1,59 @@
+"""Typed params.yaml: every stage loads its knobs through these models, never raw dicts."""
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from vim_core.config.base import StrictModel
+from vim_core.config.data import DataConfig, SourceConfig
+from vim_core.errors import ConfigError
+
+
+class Params(StrictModel):
+    """The whole params.yaml."""
+
+    seed: int = Field(default=0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def format_validation_error(err: ValidationError, source: str = "params.yaml") -> list[str]:
+    """One line per problem: the key path, the bad value and the rule it broke."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        rule = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {path} = {shown}: {rule}")
+    return lines
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: <root> = {type(raw).__name__}: must be a mapping of sections"])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    return parse_params(raw, str(path))
+
+
+__all__ = ["ConfigError", "DataConfig", "Params", "SourceConfig", "load_params", "parse_params"]

@@ -1,0 +1,108 @@
+"""The prepare_data step: stream a source into a sharded, split, checksummed dataset directory."""
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vim_core.config.data import DataConfig
+from vim_core.data.shards import ShardWriter
+from vim_core.data.sources import decode_image, io_error, open_source
+from vim_core.errors import VimError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareReport:
+    counts: dict[str, int]
+    skipped: int
+    manifest: dict
+
+
+def split_of(key: str, seed: int, test_fraction: float) -> str:
+    """A sample's split depends only on its key and the seed, so it is stable as the dataset grows."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return "test" if int.from_bytes(h[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def prepare(cfg: DataConfig, progress: bool = False) -> PrepareReport:
+    """Write cfg.out_dir atomically: build in a temp dir, then swap it in; a failure leaves the old one."""
+    out = Path(cfg.out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        report = _write(cfg, tmp, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return report
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _guarded(samples, url: str):
+    """Storage errors raised mid-stream become one-line VimErrors too."""
+    try:
+        yield from samples
+    except VimError:
+        raise
+    except Exception as err:
+        raise io_error(url, err) from None
+
+
+def _write(cfg: DataConfig, tmp: Path, progress: bool) -> PrepareReport:
+    from tqdm import tqdm
+
+    source = open_source(cfg)
+    writer = ShardWriter(tmp, cfg.shard_size)
+    url = cfg.source.url or "embedded MNIST"
+    seen = bad = 0
+    samples = tqdm(_guarded(source.samples, url), desc="prepare_data", unit="img", disable=not progress)
+    for sample in samples:
+        if cfg.max_images is not None and seen >= cfg.max_images:
+            break
+        seen += 1
+        if sample.label >= len(source.class_names) or sample.label < 0:
+            raise VimError(f"{sample.key}: label {sample.label} outside 0..{len(source.class_names) - 1}")
+        try:
+            image = decode_image(sample.raw, cfg.channels, cfg.image_size, cfg.fit)
+        except ValueError as err:
+            bad += 1
+            log.warning("skipping unreadable image %s (%s)", sample.key, err)
+            continue
+        writer.add(split_of(sample.key, cfg.split_seed, cfg.test_fraction), image, sample.label)
+    if seen == 0:
+        raise VimError(f"source {url}: empty (no images)")
+    if bad:
+        log.warning("skipped %d of %d images as unreadable", bad, seen)
+    if bad / seen > cfg.max_bad_fraction:
+        raise VimError(
+            f"source {url}: {bad} of {seen} images unreadable ({bad / seen:.1%}), "
+            f"above data.max_bad_fraction={cfg.max_bad_fraction}"
+        )
+    meta = {
+        "source": cfg.source.model_dump(),
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
+        "class_names": source.class_names,
+        "num_classes": len(source.class_names),
+        "test_fraction": cfg.test_fraction,
+        "split_seed": cfg.split_seed,
+        "seen": seen,
+        "skipped": bad,
+    }
+    manifest = writer.close(meta)
+    for split in ("train", "test"):
+        if manifest["splits"].get(split, {}).get("count", 0) == 0:
+            raise VimError(f"source {url}: the {split} split is empty ({seen - bad} usable images)")
+    manifest["version"] = hashlib.sha256(
+        json.dumps([s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]]).encode()
+    ).hexdigest()[:16]
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    counts = {s: v["count"] for s, v in manifest["splits"].items()}
+    return PrepareReport(counts=counts, skipped=bad, manifest=manifest)

