@@ -1,19 +1,10 @@
 """What every stage entry point shares: env defaults, params loading, and one-line errors."""
 
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
-# Prefect reads these at import time: keep its state out of the repo, and don't phone home.
-os.environ.setdefault("PREFECT_HOME", str(Path(tempfile.gettempdir()) / "vim-prefect-home"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-
-from vim_core.errors import ConfigError, TransientError, VimError  # noqa: E402
+from vim_core.errors import ConfigError, TransientError, VimError
 
 log = logging.getLogger("vim")
 
