@@ -1,0 +1,84 @@
+"""KV-cache sampling vs. full recompute, at 64 and 256 tokens per image; prints JSON.
+
+    python benchmarks/sampling.py [--preset tiny] [--n 8] [--repeats 2] [--threads 0] [--seed 0]
+
+The same weights sample with and without the cache under the same seed; the tokens must match.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from vim_core.config.transformer import resolve_model
+from vim_core.transformer import VIM, sample
+
+
+def timed_sample(model: VIM, n: int, labels: torch.Tensor | None, seed: int, use_cache: bool, repeats: int):
+    """Best of `repeats` wall times: the least disturbed by other work on a shared machine."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = sample(model, n, labels, seed=seed, use_cache=use_cache)
+        best = min(best, time.perf_counter() - start)
+    return tokens, best
+
+
+def bench_grid(preset: str, side: int, vocab: int, n: int, seed: int, repeats: int) -> dict:
+    cfg = resolve_model(preset)
+    torch.manual_seed(seed)
+    model = VIM(cfg, vocab, side).eval()
+    labels = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
+    timed_sample(model, 2, labels[:2] if labels is not None else None, seed, True, 1)  # warm-up
+    cached, t_cache = timed_sample(model, n, labels, seed, use_cache=True, repeats=repeats)
+    full, t_full = timed_sample(model, n, labels, seed, use_cache=False, repeats=repeats)
+    tokens = n * model.seq_len
+    return {
+        "tokens_per_image": model.seq_len,
+        "images": n,
+        "repeats": repeats,
+        "cache_tokens_per_s": round(tokens / t_cache, 1),
+        "recompute_tokens_per_s": round(tokens / t_full, 1),
+        "cache_seconds": round(t_cache, 3),
+        "recompute_seconds": round(t_full, 3),
+        "speedup": round(t_full / t_cache, 2),
+        "identical_tokens": bool(torch.equal(cached, full)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--n", type=int, default=8, help="images per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per path; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        results = {
+            f"{s}x{s}": bench_grid(args.preset, s, args.vocab, args.n, args.seed, args.repeats)
+            for s in (8, 16)
+        }
+    print(
+        json.dumps(
+            {
+                "benchmark": "sampling",
+                "preset": args.preset,
+                "vocab": args.vocab,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vim_core.config.transformer import TransformerModelConfig
+from vim_core.errors import VimError
+from vim_core.eval.probe import extract_features, train_linear_probe
+from vim_core.transformer import VIM
+
+MNIST = Path(__file__).resolve().parents[1] / "vim_core" / "data" / "embedded" / "mnist.npz"
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """600 real MNIST digits in a seeded shuffle (the file is sorted by digit)."""
+    d = np.load(MNIST)
+    idx = np.random.default_rng(0).permutation(len(d["labels"]))[:600]
+    return d["images"][idx], d["labels"][idx].astype(np.int64)
+
+
+def patch_tokens(images: np.ndarray) -> np.ndarray:
+    """A crude stand-in tokenizer: 4x4 patches of the 32 px padded digit, mean ink in 16 levels."""
+    img = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255
+    level = img.reshape(-1, 8, 4, 8, 4).mean((2, 4)).reshape(len(images), 64)
+    return np.minimum((level * 16).astype(np.int64), 15)
+
+
+def tiny_vim(num_classes: int = 0) -> VIM:
+    torch.manual_seed(0)
+    cfg = TransformerModelConfig(layers=2, heads=2, dim=64, mlp_dim=128, num_classes=num_classes)
+    return VIM(cfg, 16, 8)
+
+
+def test_raw_pixel_probe_beats_chance(mnist):
+    x, y = mnist
+    res = train_linear_probe(x[:300], y[:300], x[300:], y[300:], num_classes=10, epochs=50)
+    assert res["accuracy"] > 0.6
+    assert res["num_train"] == 300 and res["num_test"] == 300 and res["feature_dim"] == 784
+    assert res["chance"] == 0.1
+
+
+def test_probe_on_shuffled_labels_is_near_chance(mnist):
+    x, y = mnist
+    y_shuffled = np.random.default_rng(1).permutation(y)
+    res = train_linear_probe(x[:300], y_shuffled[:300], x[300:], y[300:], num_classes=10, epochs=50)
+    assert res["accuracy"] < 0.25
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "adam"])
+def test_probe_is_deterministic(mnist, method):
+    x, y = mnist
+    kw = {"num_classes": 10, "epochs": 5, "method": method, "lr": 1.0 if method == "lbfgs" else 0.01}
+    a = train_linear_probe(x[:200], y[:200], x[200:300], y[200:300], seed=3, **kw)
+    b = train_linear_probe(x[:200], y[:200], x[200:300], y[200:300], seed=3, **kw)
+    assert a == b
+
+
+def test_random_init_vim_features_probe(mnist):
+    x, y = mnist
+    model = tiny_vim().train()
+    feats = extract_features(model, patch_tokens(x), None, batch_size=128)
+    assert feats.shape == (600, 64) and feats.dtype == torch.float32
+    assert model.training  # restored
+    res = train_linear_probe(feats[:300], y[:300], feats[300:], y[300:], num_classes=10)
+    assert res["accuracy"] > 0.2
+
+
+def test_extract_features_batches_agree_and_hide_the_label():
+    model = tiny_vim(num_classes=10)
+    tokens = torch.randint(0, 16, (20, 64))
+    whole = extract_features(model, tokens, batch_size=20)
+    torch.testing.assert_close(extract_features(model, tokens, batch_size=3), whole)
+    null = torch.full((20,), model.null_class)
+    torch.testing.assert_close(extract_features(model, tokens, null), whole)
+    assert not torch.allclose(extract_features(model, tokens, torch.zeros(20, dtype=torch.long)), whole)
+    assert not torch.allclose(extract_features(model, tokens, block=0), whole)
+
+
+def test_probe_rejects_mismatched_inputs():
+    with pytest.raises(VimError, match="length"):
+        train_linear_probe(np.zeros((4, 3)), np.zeros(3), np.zeros((2, 3)), np.zeros(2), 2)
+    with pytest.raises(VimError, match="features"):
+        train_linear_probe(np.zeros((4, 3)), np.zeros(4), np.zeros((2, 5)), np.zeros(2), 2)

@@ -1,0 +1,1 @@
+"""Evaluation: sample metrics, classifiers and the linear probe."""

@@ -1,0 +1,119 @@
+"""Linear probe: a softmax classifier on frozen features (VIM blocks, raw pixels, or a random-init VIM)."""
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vim_core.errors import VimError
+from vim_core.transformer.gpt import VIM
+
+
+def extract_features(
+    model: VIM,
+    tokens: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None = None,
+    block: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Average-pooled features (N, dim) float32 on CPU of `block` (default: the middle one).
+
+    Leave labels None for probing: a conditional model then sees its null class, not the answer.
+    """
+    device = torch.device(device) if device is not None else model.head.weight.device
+    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).long()
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long()
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for lo in range(0, len(tokens), batch_size):
+                x = tokens[lo : lo + batch_size].to(device)
+                y = labels[lo : lo + batch_size].to(device) if labels is not None else None
+                out.append(model.features(x, y, block).float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, model.cfg.dim)
+    return torch.cat(out)
+
+
+def _as_float(x) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x.detach().cpu())
+    return x.reshape(len(x), -1).double()
+
+
+def train_linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 1.0,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+    method: Literal["lbfgs", "adam"] = "lbfgs",
+    batch_size: int = 1024,
+) -> dict:
+    """Fit softmax(W x + b) on train features standardised by train statistics; score on test.
+
+    lbfgs: full batch, `epochs` iterations, lr is its step scale (1.0 with a line search).
+    adam: mini-batches shuffled by `seed`, `epochs` passes. Both minimise mean cross-entropy plus
+    weight_decay/2 * ||W||^2, in float64 so the result does not depend on summation order.
+    """
+    xtr, xte = _as_float(train_x), _as_float(test_x)
+    ytr = torch.as_tensor(np.asarray(train_y)).long().reshape(-1)
+    yte = torch.as_tensor(np.asarray(test_y)).long().reshape(-1)
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise VimError("probe: features and labels differ in length")
+    if len(xtr) == 0 or len(xte) == 0:
+        raise VimError("probe: the train and test splits must not be empty")
+    if xtr.shape[1] != xte.shape[1]:
+        raise VimError(f"probe: train has {xtr.shape[1]} features, test {xte.shape[1]}")
+
+    mean, std = xtr.mean(0), xtr.std(0)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant features (blank pixels) stay 0
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(xtr.shape[1], num_classes, generator=gen, dtype=torch.float64) * 0.01).requires_grad_()
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+
+    def objective(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+
+    if method == "lbfgs":
+        opt = torch.optim.LBFGS([w, b], lr=lr, max_iter=epochs, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = objective(xtr, ytr)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        opt = torch.optim.Adam([w, b], lr=lr)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xtr), generator=gen).split(batch_size):
+                opt.zero_grad()
+                objective(xtr[idx], ytr[idx]).backward()
+                opt.step()
+
+    with torch.no_grad():
+        train_logits, test_logits = xtr @ w + b, xte @ w + b
+        return {
+            "accuracy": float((test_logits.argmax(1) == yte).double().mean()),
+            "train_accuracy": float((train_logits.argmax(1) == ytr).double().mean()),
+            "test_loss": float(F.cross_entropy(test_logits, yte)),
+            "num_train": len(xtr),
+            "num_test": len(xte),
+            "feature_dim": int(xtr.shape[1]),
+            "num_classes": num_classes,
+            "chance": float(1.0 / num_classes),
+        }
