@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests import servers
+from tests.mlflow_server import mlflow_server  # noqa: F401  (session-scoped real server)
 
 REPO = Path(__file__).resolve().parents[1]
 
