@@ -1,0 +1,130 @@
+"""Discriminator and GAN losses, logit-Laplace likelihood, and LPIPS with made-up weights files."""
+
+import math
+
+import pytest
+import torch
+from torchvision.models.vgg import cfgs, make_layers
+
+from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
+from vim_core.errors import VimError
+from vim_core.tokenizer import build_tokenizer
+from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, minibatch_stddev, r1_penalty
+from vim_core.tokenizer.losses import (
+    build_perceptual_loss,
+    l2_loss,
+    laplace_mean_image,
+    logit_laplace_nll,
+    reconstruction_losses,
+    to_laplace_space,
+)
+from vim_core.tokenizer.lpips import _CHANNELS, LPIPS, LPIPS_FILE, VGG16_FILE
+
+
+def test_discriminator_shape_and_r1():
+    torch.manual_seed(0)
+    disc = Discriminator(image_size=32, channels=1, width=8, max_width=32)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    assert disc(x).shape == (6,)
+    penalty = r1_penalty(disc, x)
+    assert penalty.ndim == 0 and penalty > 0
+    penalty.backward()
+    # Every weight shapes dlogit/dx, so the penalty reaches all of them (biases of the last layer cannot).
+    weights = [p for name, p in disc.named_parameters() if name.endswith("weight")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+
+
+def test_minibatch_stddev_sees_diversity():
+    same = torch.ones(4, 2, 4, 4)
+    assert minibatch_stddev(same, 4)[:, -1].abs().max() < 1e-3  # identical samples: ~0 std
+    varied = torch.randn(4, 2, 4, 4)
+    out = minibatch_stddev(varied, 4)
+    assert out.shape == (4, 3, 4, 4) and out[:, -1].min() > 0.1
+    assert minibatch_stddev(torch.randn(6, 2, 4, 4), 4).shape == (6, 3, 4, 4)  # 6 not divisible by 4
+
+
+def test_gan_losses_on_known_logits():
+    zero = torch.zeros(3)
+    assert float(d_loss("non_saturating", zero, zero)) == pytest.approx(2 * math.log(2), rel=1e-6)
+    assert float(g_loss("non_saturating", zero)) == pytest.approx(math.log(2), rel=1e-6)
+    # Confident and right: hinge D loss is 0; confident and wrong: 2 + 2.
+    assert float(d_loss("hinge", torch.full((3,), 2.0), torch.full((3,), -2.0))) == 0.0
+    assert float(d_loss("hinge", torch.full((3,), -1.0), torch.full((3,), 1.0))) == pytest.approx(4.0)
+    assert float(g_loss("hinge", torch.tensor([1.0, 3.0]))) == pytest.approx(-2.0)
+    # The generator loss falls as D rates fakes as more real, for both kinds.
+    for kind in ("non_saturating", "hinge"):
+        assert g_loss(kind, torch.full((2,), 1.0)) < g_loss(kind, torch.full((2,), -1.0))
+    with pytest.raises(ValueError):
+        d_loss("wasserstein", zero, zero)
+
+
+def test_logit_laplace_nll_formula_and_minimum():
+    target = torch.tensor([-1.0, -0.2, 0.5, 1.0])
+    y = to_laplace_space(target)
+    assert y.min() == pytest.approx(0.1) and y.max() == pytest.approx(0.9)
+    best_loc = torch.log(y) - torch.log1p(-y)
+    zero = torch.zeros(4)
+    expected = (math.log(2) + torch.log(y) + torch.log1p(-y)).mean()
+    torch.testing.assert_close(logit_laplace_nll(best_loc, zero, target), expected)
+    assert logit_laplace_nll(best_loc + 0.5, zero, target) > logit_laplace_nll(best_loc, zero, target)
+    # A sharper scale pays off only where the mean is right.
+    assert logit_laplace_nll(best_loc, zero - 1, target) < logit_laplace_nll(best_loc, zero, target)
+    torch.testing.assert_close(laplace_mean_image(best_loc), target)
+
+
+def test_reconstruction_losses_weights_terms():
+    cfg = TokenizerModelConfig(logit_laplace=True, codebook_size=16)
+    model = build_tokenizer(cfg, image_size=16, channels=1)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = model(x)
+    terms = reconstruction_losses(out, x, LossConfig(l2_weight=2.0, logit_laplace_weight=0.1))
+    assert set(terms) == {"vq", "l2", "logit_laplace", "total"}
+    torch.testing.assert_close(terms["l2"], 2.0 * l2_loss(out.recon, x))
+    torch.testing.assert_close(terms["total"], terms["vq"] + terms["l2"] + terms["logit_laplace"])
+    with pytest.raises(ValueError, match="LPIPS"):
+        reconstruction_losses(out, x, LossConfig(perceptual_weight=0.1))
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory):
+    """Random state dicts in the real files' layouts (torchvision vgg16 features, lpips v0.1 heads)."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    features = make_layers(cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, root / VGG16_FILE)
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(_CHANNELS)}
+    torch.save(lins, root / LPIPS_FILE)
+    return root
+
+
+def test_lpips_missing_weights_fail_at_construction_naming_the_file(tmp_path, fake_weights):
+    cfg = LossConfig(perceptual_weight=0.1, weights_dir=str(tmp_path))
+    with pytest.raises(VimError, match=VGG16_FILE) as err:
+        build_perceptual_loss(cfg)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / VGG16_FILE).write_bytes((fake_weights / VGG16_FILE).read_bytes())
+    with pytest.raises(VimError, match=LPIPS_FILE):
+        build_perceptual_loss(cfg, verify_checksums=False)
+    assert build_perceptual_loss(LossConfig(perceptual_weight=0.0, weights_dir=str(tmp_path))) is None
+
+
+def test_lpips_refuses_a_vgg_file_with_the_wrong_checksum(fake_weights):
+    with pytest.raises(VimError, match="sha256"):
+        LPIPS(str(fake_weights))
+
+
+def test_lpips_with_made_up_weights(fake_weights):
+    lpips = build_perceptual_loss(LossConfig(perceptual_weight=0.1, weights_dir=str(fake_weights)), False)
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    assert torch.equal(lpips(x, x), torch.zeros(2))
+    d = lpips(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    # Gradients reach the images (it is a loss) but never the frozen network.
+    y.requires_grad_(True)
+    lpips(x, y).sum().backward()
+    assert y.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in lpips.parameters())
+    rgb = torch.rand(1, 3, 32, 32)
+    assert lpips(rgb, rgb.flip(-1)).item() > 0

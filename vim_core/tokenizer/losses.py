@@ -1,0 +1,78 @@
+"""Reconstruction losses: L2, logit-Laplace likelihood, and the LPIPS perceptual loss."""
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from vim_core.config.tokenizer import LossConfig
+from vim_core.tokenizer.lpips import LPIPS
+
+if TYPE_CHECKING:
+    from vim_core.tokenizer.model import TokenizerOutput
+
+# Pixels are squeezed from [0, 1] into [eps, 1 - eps] before the logit, as in DALL-E, so the logit
+# (and so the likelihood) stays finite at pure black and white.
+LAPLACE_EPS = 0.1
+
+
+def l2_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(recon.float(), target.float())
+
+
+def to_laplace_space(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model-range pixels -> [eps, 1 - eps]."""
+    return (x.float() + 1) / 2 * (1 - 2 * LAPLACE_EPS) + LAPLACE_EPS
+
+
+def laplace_mean_image(loc: torch.Tensor) -> torch.Tensor:
+    """The image a logit-Laplace decoder means: sigmoid(loc), un-squeezed and mapped back to [-1, 1]."""
+    x01 = ((torch.sigmoid(loc) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS)).clamp(0, 1)
+    return x01 * 2 - 1
+
+
+def logit_laplace_nll(loc: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel negative log-likelihood of target ([-1, 1]) under a logit-Laplace(loc, exp(log_scale)).
+
+    Density on y in (0, 1): 1 / (2 b y (1 - y)) * exp(-|logit(y) - loc| / b).
+    """
+    y = to_laplace_space(target)
+    log_y, log_1my = torch.log(y), torch.log1p(-y)
+    log_scale = log_scale.float().clamp(min=-10.0)  # keeps exp(-log_scale) finite early in training
+    nll = (
+        math.log(2)
+        + log_scale
+        + log_y
+        + log_1my
+        + (log_y - log_1my - loc.float()).abs() * torch.exp(-log_scale)
+    )
+    return nll.mean()
+
+
+def build_perceptual_loss(cfg: LossConfig, verify_checksums: bool = True) -> LPIPS | None:
+    """The LPIPS module when its weight is on (failing now if weights files are missing), else None."""
+    if cfg.perceptual_weight <= 0:
+        return None
+    return LPIPS(cfg.weights_dir, verify_checksums=verify_checksums)
+
+
+def reconstruction_losses(
+    out: "TokenizerOutput", target: torch.Tensor, cfg: LossConfig, perceptual: LPIPS | None = None
+) -> dict[str, torch.Tensor]:
+    """Weighted generator-side terms (no adversarial term), keyed by name; "total" is their sum."""
+    terms = {"vq": out.vq_loss}
+    if cfg.l2_weight > 0:
+        terms["l2"] = cfg.l2_weight * l2_loss(out.recon, target)
+    if cfg.logit_laplace_weight > 0:
+        if out.laplace_loc is None or out.laplace_log_scale is None:
+            raise ValueError("logit_laplace_weight > 0 needs a tokenizer built with logit_laplace=True")
+        terms["logit_laplace"] = cfg.logit_laplace_weight * logit_laplace_nll(
+            out.laplace_loc, out.laplace_log_scale, target
+        )
+    if cfg.perceptual_weight > 0:
+        if perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs the LPIPS module from build_perceptual_loss")
+        terms["perceptual"] = cfg.perceptual_weight * perceptual(out.recon, target).mean()
+    terms["total"] = sum(terms.values())
+    return terms

@@ -1,0 +1,194 @@
+"""One tokenizer interface for ViT-VQGAN and the CNN baseline, plus pixel-range helpers and save/load.
+
+A trainer only sees `VQTokenizer`: encode(x) -> token ids, decode(ids) -> image, forward(x) -> TokenizerOutput.
+"""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import safetensors.torch
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import ValidationError
+from torch import nn
+
+from vim_core.config.tokenizer import TokenizerModelConfig
+from vim_core.errors import VimError
+from vim_core.io import atomic_write_bytes, url_fs
+from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
+from vim_core.tokenizer.losses import laplace_mean_image
+from vim_core.tokenizer.quantizer import FactorizedQuantizer
+from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
+
+FORMAT = "vim-tokenizer/1"
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # (B, C, H, W), model range [-1, 1] (approximately: no output clamp)
+    indices: torch.Tensor  # (B, h*w) long, raster order
+    vq_loss: torch.Tensor
+    stats: dict[str, torch.Tensor]  # batch "usage" fraction and "perplexity", at least
+    laplace_loc: torch.Tensor | None = None  # logit-space mean, only with logit_laplace
+    laplace_log_scale: torch.Tensor | None = None
+
+
+class VQTokenizer(nn.Module):
+    """encoder (image -> (B, N, dim)) + quantizer + decoder ((B, N, dim) -> image)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        quantizer: FactorizedQuantizer,
+        decoder: nn.Module,
+        image_size: int,
+        channels: int,
+        grid: int,
+        logit_laplace: bool = False,
+        config: TokenizerModelConfig | None = None,
+    ):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.image_size, self.channels = image_size, channels
+        self.grid_size = (grid, grid)
+        self.logit_laplace = logit_laplace
+        self.config = config
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def _decode_features(
+        self, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        raw = self.decoder(z)
+        if not self.logit_laplace:
+            return raw, None, None
+        loc, log_scale = raw.split(self.channels, dim=1)
+        return laplace_mean_image(loc), loc, log_scale
+
+    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+        quantized, indices, vq_loss, stats = self.quantizer(self.encoder(x))
+        recon, loc, log_scale = self._decode_features(quantized)
+        return TokenizerOutput(recon, indices, vq_loss, stats, loc, log_scale)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> token ids (B, h*w) long.
+
+        Tokenize in eval mode: in train mode the quantizer may still initialise or restart codes.
+        """
+        _, indices, _, _ = self.quantizer(self.encoder(x))
+        return indices
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, h*w) -> images (B, C, H, W) in about [-1, 1]."""
+        return self._decode_features(self.quantizer.lookup(indices.long()))[0]
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return self.quantizer.codebook_parameters()
+
+
+def build_tokenizer(cfg: TokenizerModelConfig, image_size: int, channels: int) -> VQTokenizer:
+    """The tokenizer cfg describes, for images of image_size x image_size with `channels` channels."""
+    grid = cfg.grid(image_size)
+    out_channels = channels * (2 if cfg.logit_laplace else 1)  # mean and log-scale per pixel
+    quant = dict(
+        codebook_size=cfg.codebook_size,
+        beta=cfg.beta,
+        init=cfg.codebook_init,
+        dead_code_threshold=cfg.dead_code_threshold,
+        usage_decay=cfg.dead_code_decay,
+    )
+    if cfg.arch == "vit":
+        enc_cfg, dec_cfg = cfg.encoder_config(), cfg.decoder_config()
+        encoder = ViTEncoder(enc_cfg, image_size, channels, cfg.patch_size, enc_cfg.dim, cfg.dropout)
+        quantizer = FactorizedQuantizer(
+            enc_cfg.dim, code_dim=cfg.code_dim, l2_normalize=cfg.l2_normalize, **quant
+        )
+        decoder = ViTDecoder(dec_cfg, image_size, out_channels, cfg.patch_size, enc_cfg.dim, cfg.dropout)
+    else:
+        # Vanilla VQGAN: codes live in the full hidden dim, unnormalized.
+        encoder = CNNEncoder(cfg.cnn, channels)
+        quantizer = FactorizedQuantizer(cfg.cnn.z_channels, code_dim=None, l2_normalize=False, **quant)
+        decoder = CNNDecoder(cfg.cnn, out_channels, grid)
+    return VQTokenizer(encoder, quantizer, decoder, image_size, channels, grid, cfg.logit_laplace, cfg)
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (numpy or torch) -> float32 in [-1, 1]."""
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if t.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects uint8 pixels, got {t.dtype}")
+    return t.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (clamped) -> uint8 pixels."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_tokenizer(model: VQTokenizer, cfg: TokenizerModelConfig, path: str) -> None:
+    """Weights as safetensors, with the config in the file's metadata so load_tokenizer can rebuild it."""
+    spec = {"model": cfg.model_dump(mode="json"), "image_size": model.image_size, "channels": model.channels}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(state, metadata={"format": FORMAT, "config": json.dumps(spec)})
+    fs, fpath = url_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        atomic_write_bytes(fpath, data)
+    else:
+        with fs.open(fpath, "wb") as f:
+            f.write(data)
+
+
+def _read_header(data: bytes, path: str) -> tuple[dict, int]:
+    """The safetensors JSON header and where tensor data starts; checks the file is whole."""
+    bad = f"tokenizer file {path} is truncated or not a safetensors file"
+    if len(data) < 8:
+        raise VimError(bad)
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise VimError(bad)
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise VimError(bad) from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != len(data):
+        raise VimError(f"tokenizer file {path} is truncated: its tensors do not match its length")
+    return header, 8 + n
+
+
+def load_tokenizer(path: str, map_location: str | torch.device = "cpu") -> VQTokenizer:
+    """Rebuild a tokenizer saved by save_tokenizer; a bad file raises a one-line VimError."""
+    fs, fpath = url_fs(path)
+    if not fs.exists(fpath):
+        raise VimError(f"tokenizer file not found: {path}")
+    with fs.open(fpath, "rb") as f:
+        data = f.read()
+    header, _ = _read_header(data, path)
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise VimError(
+            f"{path} is not a vim tokenizer file (format {meta.get('format')!r}, expected {FORMAT})"
+        )
+    try:
+        spec = json.loads(meta["config"])
+        cfg = TokenizerModelConfig.model_validate(spec["model"])
+        model = build_tokenizer(cfg, int(spec["image_size"]), int(spec["channels"]))
+    except (KeyError, ValueError, TypeError, ValidationError) as err:
+        raise VimError(f"tokenizer file {path} has an unusable config: {str(err).splitlines()[0]}") from None
+    try:
+        state = safetensors.torch.load(data)
+        model.load_state_dict(state)
+    except Exception as err:  # safetensors or shape mismatch: either way the file is not usable
+        raise VimError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
+    return model.to(map_location)
