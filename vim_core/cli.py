@@ -1,7 +1,8 @@
-"""The `vim` command: check-params now; encode, decode and sample join as their stages land."""
+"""The `vim` command: check-params, train-tokenizer, encode, decode, sample."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from vim_core.errors import ConfigError, VimError
 
@@ -14,12 +15,204 @@ def _check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    """Also the torchrun entry: `torchrun --nproc_per_node=N -m vim_core.cli train-tokenizer`."""
+    import json
+
+    from vim_core.config import load_params
+    from vim_core.io import atomic_write_text
+    from vim_core.train import distributed as vdist
+    from vim_core.train.tokenizer_trainer import train_tokenizer
+
+    params = load_params(args.params)
+    run = train_tokenizer(params.tokenizer, params.data.out_dir, seed=params.seed, plots_dir=args.plots)
+    if vdist.is_main() and args.metrics:
+        atomic_write_text(args.metrics, json.dumps(run.metrics, indent=2, sort_keys=True) + "\n")
+    vdist.cleanup()
+    return 0
+
+
+def _pretrain_transformer(args: argparse.Namespace) -> int:
+    """Also the torchrun entry: `torchrun --nproc_per_node=N -m vim_core.cli pretrain-transformer`."""
+    import json
+
+    from vim_core.config import load_params
+    from vim_core.io import atomic_write_text
+    from vim_core.train import distributed as vdist
+    from vim_core.train.transformer_trainer import train_transformer
+
+    params = load_params(args.params)
+    run = train_transformer(params.transformer, seed=params.seed, plots_dir=args.plots)
+    if vdist.is_main() and args.metrics:
+        atomic_write_text(args.metrics, json.dumps(run.metrics, indent=2, sort_keys=True) + "\n")
+    vdist.cleanup()
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from vim_core.data.sources import decode_image
+    from vim_core.io import atomic_path, sha256_file
+    from vim_core.tokenizer.model import load_tokenizer, to_model_range
+
+    tok = load_tokenizer(args.tokenizer).eval()
+    arrays = []
+    for path in tqdm(args.images, desc="read", unit="img", disable=len(args.images) < 64):
+        try:
+            with open(path, "rb") as f:
+                arrays.append(decode_image(f.read(), tok.channels, tok.image_size, args.fit))
+        except OSError as err:
+            raise VimError(f"{path}: cannot read ({err.strerror})") from None
+        except ValueError as err:
+            raise VimError(f"{path}: not a readable image ({err})") from None
+    images = np.stack(arrays)
+    tokens = []
+    with torch.inference_mode():
+        for lo in tqdm(range(0, len(images), args.batch_size), desc="encode", unit="batch"):
+            tokens.append(tok.encode(to_model_range(images[lo : lo + args.batch_size])).numpy())
+    out = np.concatenate(tokens).astype(np.uint16)
+    with atomic_path(args.out, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            tokens=out,
+            grid=np.asarray(tok.grid_size),
+            files=np.asarray(args.images),
+            tokenizer_sha256=np.asarray(sha256_file(args.tokenizer)),
+        )
+    print(f"{args.out}: {out.shape[0]} images x {out.shape[1]} tokens")
+    return 0
+
+
+def _load_tokens(path: str):
+    import numpy as np
+
+    try:
+        with np.load(path) as npz:
+            return npz["tokens"]
+    except (OSError, ValueError, KeyError) as err:
+        raise VimError(f"{path}: not a tokens file written by `vim encode` ({type(err).__name__})") from None
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from vim_core.tokenizer.model import load_tokenizer, to_uint8
+    from vim_core.train.tracking import save_image
+
+    tok = load_tokenizer(args.tokenizer).eval()
+    tokens = torch.from_numpy(_load_tokens(args.tokens).astype("int64"))
+    if tokens.ndim != 2 or tokens.shape[1] != tok.num_tokens or int(tokens.max()) >= tok.codebook_size:
+        raise VimError(
+            f"{args.tokens}: tokens of shape {tuple(tokens.shape)} do not fit this tokenizer "
+            f"({tok.num_tokens} tokens per image, {tok.codebook_size} codes)"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for lo in tqdm(range(0, len(tokens), args.batch_size), desc="decode", unit="batch"):
+            images = to_uint8(tok.decode(tokens[lo : lo + args.batch_size])).numpy()
+            for i, img in enumerate(images):
+                save_image(img, out / f"{lo + i:06d}.png")
+    print(f"{out}: {len(tokens)} images")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from vim_core.eval.grids import image_grid
+    from vim_core.io import sha256_file
+    from vim_core.tokenizer.model import load_tokenizer, to_uint8
+    from vim_core.train.tracking import save_image
+    from vim_core.transformer.export import load_transformer
+    from vim_core.transformer.sampling import sample
+
+    tok = load_tokenizer(args.tokenizer).eval()
+    model, extra = load_transformer(args.model)
+    expected = extra.get("tokenizer_sha256")
+    if expected and expected != sha256_file(args.tokenizer):
+        raise VimError(
+            f"{args.model} was trained on tokens of another tokenizer (sha256 {expected[:12]}...), "
+            f"not {args.tokenizer}"
+        )
+    if args.class_id is not None and not 0 <= args.class_id < max(model.num_classes, 1):
+        raise VimError(f"--class {args.class_id} is outside 0..{model.num_classes - 1}")
+    labels = args.class_id if model.num_classes > 0 and args.class_id is not None else None
+    if model.num_classes > 0 and labels is None:
+        labels = torch.arange(args.n) % model.num_classes  # balanced classes, one per grid column
+    tokens = sample(
+        model,
+        args.n,
+        labels,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        progress=True,
+        batch_size=args.batch_size,
+    )
+    with torch.inference_mode():
+        images = to_uint8(tok.decode(tokens)).numpy()
+    save_image(
+        image_grid(images, columns=model.num_classes if labels is not None and args.class_id is None else 8),
+        Path(args.out),
+    )
+    print(f"{args.out}: {args.n} samples")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vim", description="ViT-VQGAN tokenizer + VIM Transformer tools")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="validate a params.yaml")
     check.add_argument("path", nargs="?", default="params.yaml")
     check.set_defaults(func=_check_params)
+    tok = sub.add_parser("train-tokenizer", help="train the tokenizer described by params.yaml")
+    tok.add_argument("--params", default="params.yaml")
+    tok.add_argument("--plots", default="plots", help="folder for loss curves and the reconstruction grid")
+    tok.add_argument("--metrics", default="metrics/tokenizer.json", help="where to write the eval metrics")
+    tok.set_defaults(func=_train_tokenizer)
+    vim = sub.add_parser("pretrain-transformer", help="train the Transformer described by params.yaml")
+    vim.add_argument("--params", default="params.yaml")
+    vim.add_argument("--plots", default="plots", help="folder for loss curves")
+    vim.add_argument("--metrics", default="metrics/transformer.json", help="where to write the metrics")
+    vim.set_defaults(func=_pretrain_transformer)
+
+    enc = sub.add_parser("encode", help="images -> token ids (.npz)")
+    enc.add_argument("images", nargs="+")
+    enc.add_argument("--tokenizer", required=True, help="tokenizer.safetensors")
+    enc.add_argument("--out", required=True)
+    enc.add_argument("--fit", choices=["resize", "center_crop", "pad"], default="center_crop")
+    enc.add_argument("--batch-size", type=int, default=256)
+    enc.set_defaults(func=_encode)
+
+    dec = sub.add_parser("decode", help="token ids (.npz) -> PNG images")
+    dec.add_argument("tokens")
+    dec.add_argument("--tokenizer", required=True)
+    dec.add_argument("--out", required=True, help="output folder")
+    dec.add_argument("--batch-size", type=int, default=256)
+    dec.set_defaults(func=_decode)
+
+    smp = sub.add_parser("sample", help="sample images from a trained Transformer into a PNG grid")
+    smp.add_argument("--model", required=True, help="transformer.safetensors")
+    smp.add_argument("--tokenizer", required=True)
+    smp.add_argument(
+        "--class", dest="class_id", type=int, default=None, help="class id; default: all classes"
+    )
+    smp.add_argument("-n", type=int, default=64)
+    smp.add_argument("--temperature", type=float, default=1.0)
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1.0: off")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch-size", type=int, default=64)
+    smp.add_argument("--out", required=True, help="grid.png")
+    smp.set_defaults(func=_sample)
     return parser
 
 

@@ -88,3 +88,52 @@ def find_weights(weights_dir: str, filename: str, sha256_prefix: str | None, pur
                 "refusing to load it; replace it with the original file"
             )
     return local
+
+
+def save_safetensors_with_spec(state: dict, spec: dict, fmt: str, path: str) -> None:
+    """Weights plus the JSON spec needed to rebuild the model, in one safetensors file, written atomically."""
+    import json
+
+    import safetensors.torch
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    data = safetensors.torch.save(tensors, metadata={"format": fmt, "config": json.dumps(spec)})
+    fs, fpath = url_fs(path)
+    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        atomic_write_bytes(fpath, data)
+    else:
+        with fs.open(fpath, "wb") as f:  # object stores publish a whole object or nothing
+            f.write(data)
+
+
+def load_safetensors_with_spec(path: str, fmt: str, what: str) -> tuple[dict, dict]:
+    """(state, spec) from a file written by save_safetensors_with_spec; any damage is a one-line VimError."""
+    import json
+
+    import safetensors.torch
+
+    fs, fpath = url_fs(path)
+    if not fs.exists(fpath):
+        raise VimError(f"{what} file not found: {path}")
+    with fs.open(fpath, "rb") as f:
+        data = f.read()
+    bad = f"{what} file {path} is truncated or not a safetensors file"
+    if len(data) < 8 or 8 + int.from_bytes(data[:8], "little") > len(data):
+        raise VimError(bad)
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise VimError(bad) from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != len(data):
+        raise VimError(f"{what} file {path} is truncated: its tensors do not match its length")
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != fmt:
+        raise VimError(f"{path} is not a {what} file (format {meta.get('format')!r}, expected {fmt})")
+    try:
+        spec = json.loads(meta["config"])
+        state = safetensors.torch.load(data)
+    except Exception as err:
+        raise VimError(f"{what} file {path} is unreadable ({type(err).__name__})") from None
+    return state, spec

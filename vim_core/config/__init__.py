@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from vim_core.config.base import StrictModel
 from vim_core.config.data import DataConfig, SourceConfig
+from vim_core.config.pipeline import TokenizerSection, TransformerSection
+from vim_core.config.tokenizer import check_tokenizer
 from vim_core.errors import ConfigError
 
 
@@ -15,6 +17,20 @@ class Params(StrictModel):
 
     seed: int = Field(default=0, ge=0)
     data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    transformer: TransformerSection = Field(default_factory=TransformerSection)
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        try:
+            check_tokenizer(self.tokenizer.model, self.tokenizer.loss, self.data.image_size)
+        except ValueError as err:
+            raise ValueError(f"data.image_size / tokenizer: {err}") from None
+        try:
+            self.transformer.resolved_model()
+        except ValueError as err:
+            raise ValueError(f"transformer.model: {err}") from None
+        return self
 
 
 def format_validation_error(err: ValidationError, source: str = "params.yaml") -> list[str]:
@@ -56,4 +72,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-__all__ = ["ConfigError", "DataConfig", "Params", "SourceConfig", "load_params", "parse_params"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "Params",
+    "SourceConfig",
+    "TokenizerSection",
+    "TransformerSection",
+    "load_params",
+    "parse_params",
+]

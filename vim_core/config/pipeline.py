@@ -1,0 +1,73 @@
+"""The per-stage sections of params.yaml, composed from the model, loss and loop configs."""
+
+from pydantic import Field
+
+from vim_core.config.base import StrictModel
+from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
+from vim_core.config.training import TrainLoopConfig
+from vim_core.config.transformer import RejectionConfig, SamplingConfig, TransformerModelConfig, resolve_model
+from vim_core.train.schedule import CosineSchedule, ExponentialSchedule
+
+
+def _tokenizer_loop() -> TrainLoopConfig:
+    # Paper: Adam(0.9, 0.99), wd 1e-4, warmup to 1e-4 over 50k then cosine to 5e-5, 500k steps at batch 256.
+    return TrainLoopConfig(
+        steps=500_000,
+        batch_size=256,
+        betas=(0.9, 0.99),
+        weight_decay=1e-4,
+        schedule=CosineSchedule(peak_lr=1e-4, final_lr=5e-5, warmup_steps=50_000),
+    )
+
+
+class TokenizerEvalConfig(StrictModel):
+    usage_batch_size: int = Field(default=256, ge=1, description="paper: usage per batch of 256 test images")
+    max_test_images: int | None = Field(default=None, ge=1, description="None: the whole test split")
+    grid_images: int = Field(default=32, ge=1, le=256)
+
+
+class TokenizerSection(StrictModel):
+    """`tokenizer:` — the ViT-VQGAN (or the CNN baseline) and how it is trained."""
+
+    model: TokenizerModelConfig = Field(default_factory=TokenizerModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainLoopConfig = Field(default_factory=_tokenizer_loop)
+    eval: TokenizerEvalConfig = Field(default_factory=TokenizerEvalConfig)
+    out_dir: str = "models/tokenizer"
+    checkpoint_dir: str = "checkpoints/tokenizer"
+
+
+def _transformer_loop() -> TrainLoopConfig:
+    # Paper: Adam(0.9, 0.96), warmup 5k to 4.5e-4, exponential decay to 1e-5 from step 80k, batch 1024, 450k.
+    return TrainLoopConfig(
+        steps=450_000,
+        batch_size=1024,
+        betas=(0.9, 0.96),
+        weight_decay=0.01,
+        schedule=ExponentialSchedule(peak_lr=4.5e-4, final_lr=1e-5, warmup_steps=5_000, decay_start=80_000),
+    )
+
+
+class ProbeConfig(StrictModel):
+    """Linear probe on average-pooled features of one block (paper: VIM-B block 10 of 24, VIM-L 15 of 36)."""
+
+    block: int | None = Field(default=None, ge=0, description="0-based; None: the middle block")
+    epochs: int = Field(default=100, ge=1)
+    weight_decay: float = Field(default=1e-3, ge=0.0)
+    max_train: int | None = Field(default=None, ge=1, description="None: the whole train split")
+
+
+class TransformerSection(StrictModel):
+    """`transformer:` — the VIM model, how it is trained, sampled and probed."""
+
+    model: str | TransformerModelConfig = Field(default="tiny", description="preset name or explicit config")
+    train: TrainLoopConfig = Field(default_factory=_transformer_loop)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rejection: RejectionConfig = Field(default_factory=RejectionConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    tokens_dir: str = "data/tokens"
+    out_dir: str = "models/transformer"
+    checkpoint_dir: str = "checkpoints/transformer"
+
+    def resolved_model(self) -> TransformerModelConfig:
+        return resolve_model(self.model)

@@ -1,0 +1,36 @@
+"""Knobs every trainer shares: steps, batch, optimizer, schedule, precision, checkpoints."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from vim_core.config.base import StrictModel
+from vim_core.train.schedule import CosineSchedule, LRSchedule
+
+
+class TrainLoopConfig(StrictModel):
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="global batch; split across DDP ranks")
+    schedule: LRSchedule = Field(default_factory=CosineSchedule)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(default=1e-4, ge=0.0, description="decoupled (AdamW)")
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0, description="None: no EMA weights")
+    bf16: bool = Field(default=False, description="bf16 autocast; for GPUs")
+    compile: bool = Field(default=False, description="torch.compile the model; for GPUs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None: torch's default")
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "TrainLoopConfig":
+        try:
+            self.schedule.check_total(self.steps)
+        except Exception as err:
+            raise ValueError(str(err).removeprefix("lr schedule: ")) from None
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {self.betas} must lie in [0, 1)")
+        return self

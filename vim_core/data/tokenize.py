@@ -1,0 +1,77 @@
+"""The tokenize_dataset step: encode a prepared dataset into uint16 token shards, one shard at a time."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vim_core.data.shards import ShardWriter, iter_shards, read_manifest
+from vim_core.errors import VimError
+from vim_core.io import sha256_file
+from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range
+
+
+@torch.inference_mode()
+def tokenize_dataset(
+    tokenizer_path: str,
+    prepared_root: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Write out_dir atomically (temp dir, then rename); returns the manifest."""
+    import shutil
+
+    from tqdm import tqdm
+
+    tokenizer: VQTokenizer = load_tokenizer(tokenizer_path, map_location=device).eval()
+    if tokenizer.codebook_size > 65536:
+        raise VimError(f"codebook of {tokenizer.codebook_size} codes does not fit uint16 token shards")
+    source = read_manifest(prepared_root)
+    if (source["image_size"], source["channels"]) != (tokenizer.image_size, tokenizer.channels):
+        raise VimError(
+            f"{prepared_root} holds {source['channels']}x{source['image_size']}px images but the tokenizer "
+            f"expects {tokenizer.channels}x{tokenizer.image_size}px"
+        )
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        writer = ShardWriter(
+            tmp,
+            shard_size=max(1, max(s["count"] for sp in source["splits"].values() for s in sp["shards"])),
+            key="tokens",
+        )
+        total = sum(sp["count"] for sp in source["splits"].values())
+        bar = tqdm(total=total, desc="tokenize_dataset", unit="img", disable=not progress)
+        for split in sorted(source["splits"]):
+            for images, labels in iter_shards(prepared_root, split):
+                for lo in range(0, len(images), batch_size):
+                    x = to_model_range(images[lo : lo + batch_size]).to(device)
+                    tokens = tokenizer.encode(x).cpu().numpy().astype(np.uint16)
+                    for t, y in zip(tokens, labels[lo : lo + batch_size], strict=True):
+                        writer.add(split, t, int(y))
+                    bar.update(len(x))
+        bar.close()
+        manifest = writer.close(
+            {
+                "tokenizer_sha256": sha256_file(tokenizer_path) if Path(tokenizer_path).exists() else None,
+                "tokenizer_path": str(tokenizer_path),
+                "codebook_size": tokenizer.codebook_size,
+                "grid": list(tokenizer.grid_size),
+                "num_classes": source["num_classes"],
+                "class_names": source["class_names"],
+                "source_version": source.get("version"),
+                "image_size": source["image_size"],
+                "channels": source["channels"],
+            }
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
