@@ -7,7 +7,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from vim_core.config.base import StrictModel
 from vim_core.config.data import DataConfig, SourceConfig
-from vim_core.config.pipeline import TokenizerSection, TransformerSection
+from vim_core.config.pipeline import EvaluateSection, PromotionConfig, TokenizerSection, TransformerSection
 from vim_core.config.tokenizer import check_tokenizer
 from vim_core.errors import ConfigError
 
@@ -19,6 +19,8 @@ class Params(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     transformer: TransformerSection = Field(default_factory=TransformerSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "Params":

@@ -71,3 +71,34 @@ class TransformerSection(StrictModel):
 
     def resolved_model(self) -> TransformerModelConfig:
         return resolve_model(self.model)
+
+
+class ClassifierConfig(StrictModel):
+    """The domain classifier: FID/KID features, IS logits, class accuracy and rejection scores."""
+
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=4e-3, gt=0.0, description="peak of a one-cycle schedule")
+
+
+class EvaluateSection(StrictModel):
+    """`evaluate:` — generation, reconstruction and probe metrics, each with its definition."""
+
+    num_samples: int = Field(default=1000, ge=10, description="generated images scored, balanced over classes")
+    cfg_scale: float | None = Field(default=None, ge=0.0, description="None: transformer.sampling.cfg_scale")
+    acceptance_rate: float = Field(default=0.5, gt=0.0, le=1.0, description="rejection sampling (paper: 0.5)")
+    kid_subset_size: int = Field(default=500, ge=2)
+    seed: int = Field(default=0, ge=0)
+    weights_dir: str = Field(default="weights", description="InceptionV3 weights for the Inception metrics")
+    max_probe_train: int | None = Field(default=5000, ge=10, description="None: the whole train split")
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    classifier_dir: str = "models/classifier"
+
+
+class PromotionConfig(StrictModel):
+    """How a challenger pipeline run is compared with the champion on the same evaluation."""
+
+    metric: str = "fid_domain"
+    lower_is_better: bool = True
+    guard_metric: str | None = "class_accuracy"
+    guard_min: float = 0.9

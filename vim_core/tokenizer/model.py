@@ -3,19 +3,16 @@
 A trainer only sees `VQTokenizer`: encode(x) -> token ids, decode(ids) -> image, forward(x) -> TokenizerOutput.
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
-import safetensors.torch
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 from torch import nn
 
 from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.errors import VimError
-from vim_core.io import atomic_write_bytes, url_fs
+from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
 from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
 from vim_core.tokenizer.losses import laplace_mean_image
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
@@ -139,56 +136,19 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 def save_tokenizer(model: VQTokenizer, cfg: TokenizerModelConfig, path: str) -> None:
     """Weights as safetensors, with the config in the file's metadata so load_tokenizer can rebuild it."""
     spec = {"model": cfg.model_dump(mode="json"), "image_size": model.image_size, "channels": model.channels}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state, metadata={"format": FORMAT, "config": json.dumps(spec)})
-    fs, fpath = url_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        atomic_write_bytes(fpath, data)
-    else:
-        with fs.open(fpath, "wb") as f:
-            f.write(data)
-
-
-def _read_header(data: bytes, path: str) -> tuple[dict, int]:
-    """The safetensors JSON header and where tensor data starts; checks the file is whole."""
-    bad = f"tokenizer file {path} is truncated or not a safetensors file"
-    if len(data) < 8:
-        raise VimError(bad)
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise VimError(bad)
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise VimError(bad) from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) != len(data):
-        raise VimError(f"tokenizer file {path} is truncated: its tensors do not match its length")
-    return header, 8 + n
+    save_safetensors_with_spec(model.state_dict(), spec, FORMAT, path)
 
 
 def load_tokenizer(path: str, map_location: str | torch.device = "cpu") -> VQTokenizer:
     """Rebuild a tokenizer saved by save_tokenizer; a bad file raises a one-line VimError."""
-    fs, fpath = url_fs(path)
-    if not fs.exists(fpath):
-        raise VimError(f"tokenizer file not found: {path}")
-    with fs.open(fpath, "rb") as f:
-        data = f.read()
-    header, _ = _read_header(data, path)
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
-        raise VimError(
-            f"{path} is not a vim tokenizer file (format {meta.get('format')!r}, expected {FORMAT})"
-        )
+    state, spec = load_safetensors_with_spec(path, FORMAT, "tokenizer")
     try:
-        spec = json.loads(meta["config"])
         cfg = TokenizerModelConfig.model_validate(spec["model"])
         model = build_tokenizer(cfg, int(spec["image_size"]), int(spec["channels"]))
     except (KeyError, ValueError, TypeError, ValidationError) as err:
         raise VimError(f"tokenizer file {path} has an unusable config: {str(err).splitlines()[0]}") from None
     try:
-        state = safetensors.torch.load(data)
         model.load_state_dict(state)
-    except Exception as err:  # safetensors or shape mismatch: either way the file is not usable
+    except RuntimeError as err:  # shape mismatch: the file does not fit its own config
         raise VimError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
     return model.to(map_location)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def train_tokenizer(
                 terms.update(
                     _discriminator_step(cfg, d_net, opt_d, x, out.recon.detach(), step, t.bf16, device)
                 )
-            sched_d.step()  # keep the D schedule in lockstep even before the GAN starts
+            with warnings.catch_warnings():  # before the GAN starts D's optimizer has not stepped yet
+                warnings.simplefilter("ignore", UserWarning)
+                sched_d.step()  # keep the D schedule in lockstep with the generator's
         if ema is not None:
             ema.update(model)
         bar.update(1)
