@@ -1,0 +1,97 @@
+"""The domain classifier: accuracy on the embedded MNIST split, probabilities, and its safetensors file."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from vim_core.config import Params
+from vim_core.data.prepare import prepare
+from vim_core.data.shards import load_split
+from vim_core.errors import VimError
+from vim_core.eval.classifier import (
+    DomainClassifier,
+    class_accuracy,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+    train_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    p = Params()
+    p.data.out_dir = str(tmp_path_factory.mktemp("data") / "mnist")
+    prepare(p.data)
+    return load_split(p.data.out_dir, "train"), load_split(p.data.out_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def trained(mnist):
+    (x, y), (xt, yt) = mnist
+    return train_classifier(x, y, xt, yt, seed=0)
+
+
+def test_reaches_098_on_embedded_test_split(trained, mnist):
+    model, report = trained
+    (_, _), (xt, yt) = mnist
+    print(f"domain classifier: {report}")
+    assert report["test_accuracy"] >= 0.98
+    assert report["train_images"] == 9021 and report["test_images"] == 979
+    assert class_accuracy(model, xt, yt) == pytest.approx(report["test_accuracy"])
+    # Against a label permutation it must be near chance: the accuracy is about the labels, not the images.
+    assert class_accuracy(model, xt, (yt + 1) % 10) < 0.05
+
+
+def test_predict_proba_is_a_distribution(trained, mnist):
+    model, _ = trained
+    (_, _), (xt, _) = mnist
+    p = predict_proba(model, xt[:300], batch_size=64)
+    assert p.shape == (300, 10) and p.dtype == torch.float32
+    assert torch.allclose(p.sum(1), torch.ones(300), atol=1e-5)
+    assert (p >= 0).all()
+    # Batching must not change the answer (eval mode: BatchNorm uses running statistics).
+    assert torch.allclose(p, predict_proba(model, xt[:300], batch_size=300), atol=1e-5)
+    assert model.training is False
+    with pytest.raises(TypeError, match="uint8"):
+        predict_proba(model, xt[:4].astype(np.float32))
+
+
+def test_save_load_round_trip(trained, mnist, tmp_path):
+    model, report = trained
+    (_, _), (xt, _) = mnist
+    path = str(tmp_path / "classifier.safetensors")
+    save_classifier(
+        model, path, {"test_accuracy": report["test_accuracy"], "class_names": list("0123456789")}
+    )
+    loaded, extra = load_classifier(path)
+    assert loaded.spec == model.spec
+    assert extra["test_accuracy"] == report["test_accuracy"] and extra["class_names"][3] == "3"
+    assert torch.equal(predict_proba(loaded, xt[:64]), predict_proba(model, xt[:64]))
+
+
+def test_load_refuses_other_files(tmp_path):
+    other = tmp_path / "other.safetensors"
+    safetensors.torch.save_file(
+        {"w": torch.zeros(2)}, str(other), metadata={"format": "vit-vqgan", "config": "{}"}
+    )
+    with pytest.raises(VimError, match="not a domain classifier file"):
+        load_classifier(str(other))
+    truncated = tmp_path / "cut.safetensors"
+    save_classifier(DomainClassifier(1, 32, 10), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(VimError, match="truncated"):
+        load_classifier(str(truncated))
+    with pytest.raises(VimError, match="not found"):
+        load_classifier(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("channels,size", [(3, 64), (1, 28), (3, 256)])
+def test_architecture_follows_image_size(channels, size):
+    model = DomainClassifier(channels, size, num_classes=7).eval()
+    x = torch.zeros(2, channels, size, size)
+    assert model(x).shape == (2, 7)
+    assert model.features(x).shape == (2, 128)
+    pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in model.convs)
+    assert size // 2**pools <= 4 < size // 2 ** (pools - 1)  # halved just far enough to reach 4x4
