@@ -18,8 +18,12 @@ def eval_params(stage2):  # noqa: F811
     raw["transformer"]["checkpoint_dir"] = str(stage2 / "vim_eval_ckpt")
     raw["transformer"]["probe"] = {"epochs": 20}
     raw["evaluate"] = {
-        "num_samples": 40, "kid_subset_size": 20, "max_probe_train": 300, "seed": 1,
-        "classifier": {"epochs": 1}, "classifier_dir": str(stage2 / "classifier"),
+        "num_samples": 40,
+        "kid_subset_size": 20,
+        "max_probe_train": 300,
+        "seed": 1,
+        "classifier": {"epochs": 1},
+        "classifier_dir": str(stage2 / "classifier"),
         "weights_dir": str(stage2 / "no-weights-here"),
     }
     params = parse_params(raw)
@@ -29,18 +33,39 @@ def eval_params(stage2):  # noqa: F811
 
 def test_evaluate_reports_every_metric_with_its_definition(eval_params, tmp_path):
     out = evaluate(eval_params, plots_dir=tmp_path)
-    for key in ("fid_domain", "kid_domain", "isc_domain", "class_accuracy", "fid_domain_rejection",
-                "class_accuracy_rejection", "fid_domain_real", "fid_domain_unigram", "rfid_domain", "psnr",
-                "ssim", "codebook_usage", "probe_accuracy", "probe_accuracy_pixels", "probe_accuracy_random_init"):
+    for key in (
+        "fid_domain",
+        "kid_domain",
+        "isc_domain",
+        "class_accuracy",
+        "fid_domain_rejection",
+        "class_accuracy_rejection",
+        "fid_domain_real",
+        "fid_domain_unigram",
+        "rfid_domain",
+        "psnr",
+        "ssim",
+        "codebook_usage",
+        "probe_accuracy",
+        "probe_accuracy_pixels",
+        "probe_accuracy_random_init",
+    ):
         assert key in out, key
     assert 0.0 <= out["class_accuracy"] <= 1.0 and 0.0 < out["ssim"] <= 1.0
     # The floor (real train images) must sit far below the ceiling (i.i.d. token soup).
     assert out["fid_domain_real"] < out["fid_domain_unigram"]
     assert out["probe_accuracy_pixels"] > 0.5  # raw pixels of real digits are linearly separable
     d = out["definitions"]
-    assert d["generation"]["samples"] == 40 and d["rejection"]["kept"] == 40 and d["rejection"]["candidates"] == 80
+    assert (
+        d["generation"]["samples"] == 40
+        and d["rejection"]["kept"] == 40
+        and d["rejection"]["candidates"] == 80
+    )
     assert "vim-domain" in json.dumps(d["torch_fidelity"])
-    assert out["fid_inception"] is None and "weights-inception-2015-12-05-6726825d.pth" in d["inception"]["skipped"]
+    assert (
+        out["fid_inception"] is None
+        and "weights-inception-2015-12-05-6726825d.pth" in d["inception"]["skipped"]
+    )
     for name in ("samples_per_class.png", "reconstructions.png", "rejection_rejected_vs_accepted.png"):
         assert Image.open(tmp_path / name).size[0] > 32
     json.dumps(out)  # eval.json must serialise

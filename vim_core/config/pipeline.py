@@ -84,7 +84,9 @@ class ClassifierConfig(StrictModel):
 class EvaluateSection(StrictModel):
     """`evaluate:` — generation, reconstruction and probe metrics, each with its definition."""
 
-    num_samples: int = Field(default=1000, ge=10, description="generated images scored, balanced over classes")
+    num_samples: int = Field(
+        default=1000, ge=10, description="generated images scored, balanced over classes"
+    )
     cfg_scale: float | None = Field(default=None, ge=0.0, description="None: transformer.sampling.cfg_scale")
     acceptance_rate: float = Field(default=0.5, gt=0.0, le=1.0, description="rejection sampling (paper: 0.5)")
     kid_subset_size: int = Field(default=500, ge=2)
