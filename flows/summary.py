@@ -8,7 +8,11 @@ def main() -> None:
     print("\nvim pipeline finished.")
     for path in sorted(Path("metrics").glob("*.json")):
         data = json.loads(path.read_text())
-        flat = {k: v for k, v in data.items() if isinstance(v, int | float | str)}
+        flat = {
+            k: v
+            for k, v in data.items()
+            if isinstance(v, int | float) or (isinstance(v, str) and len(v) < 40)
+        }
         shown = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(flat.items())[:8]
         )
