@@ -6,6 +6,7 @@ from einops import rearrange
 from torch import nn
 
 from vim_core.config.tokenizer import ViTConfig, patch_grid
+from vim_core.layers import MLP
 
 
 class Attention(nn.Module):
@@ -21,17 +22,6 @@ class Attention(nn.Module):
         # Tokens of an image attend to each other in both directions: no causal mask.
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h n d -> b n (h d)"))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):

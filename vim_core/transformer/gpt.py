@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from vim_core.config.transformer import TransformerModelConfig, resolve_model
+from vim_core.layers import MLP
 from vim_core.transformer.kv_cache import KVCache
 
 
@@ -45,17 +46,6 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.resid_drop(self.proj(rearrange(y, "b h t d -> b t (h d)")))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc = nn.Linear(dim, hidden)
-        self.proj = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
