@@ -137,3 +137,23 @@ def load_safetensors_with_spec(path: str, fmt: str, what: str) -> tuple[dict, di
     except Exception as err:
         raise VimError(f"{what} file {path} is unreadable ({type(err).__name__})") from None
     return state, spec
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; swap it in only if the block succeeds, else keep the old `final`."""
+    import shutil
+
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from vim_core.config.data import DataConfig
 from vim_core.data.shards import ShardWriter
 from vim_core.data.sources import decode_image, io_error, open_source
 from vim_core.errors import VimError
+from vim_core.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +30,8 @@ def split_of(key: str, seed: int, test_fraction: float) -> str:
 
 def prepare(cfg: DataConfig, progress: bool = False) -> PrepareReport:
     """Write cfg.out_dir atomically: build in a temp dir, then swap it in; a failure leaves the old one."""
-    out = Path(cfg.out_dir)
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        report = _write(cfg, tmp, progress)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return report
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_dir(cfg.out_dir) as tmp:
+        return _write(cfg, tmp, progress)
 
 
 def _guarded(samples, url: str):

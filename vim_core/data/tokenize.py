@@ -7,7 +7,7 @@ import torch
 
 from vim_core.data.shards import ShardWriter, iter_shards, read_manifest
 from vim_core.errors import VimError
-from vim_core.io import sha256_file
+from vim_core.io import atomic_dir, sha256_file
 from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range
 
 
@@ -21,7 +21,6 @@ def tokenize_dataset(
     progress: bool = False,
 ) -> dict:
     """Write out_dir atomically (temp dir, then rename); returns the manifest."""
-    import shutil
 
     from tqdm import tqdm
 
@@ -34,11 +33,7 @@ def tokenize_dataset(
             f"{prepared_root} holds {source['channels']}x{source['image_size']}px images but the tokenizer "
             f"expects {tokenizer.channels}x{tokenizer.image_size}px"
         )
-    out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_dir(out_dir) as tmp:
         writer = ShardWriter(
             tmp,
             shard_size=max(1, max(s["count"] for sp in source["splits"].values() for s in sp["shards"])),
@@ -68,10 +63,4 @@ def tokenize_dataset(
                 "channels": source["channels"],
             }
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
         return manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
