@@ -36,6 +36,14 @@ def test_single_process_is_a_no_op(monkeypatch):
     vdist.barrier()
     assert torch.equal(lin.weight, before)
     assert vdist.all_gather_objects({"a": 1}) == [{"a": 1}]
+    means = vdist.all_reduce_mean_dict({"x": torch.tensor(2.5, requires_grad=True), "y": 4})
+    assert {k: float(v) for k, v in means.items()} == {"x": 2.5, "y": 4.0} and vdist.all_reduce_mean_dict(
+        {}
+    ) == {}
+    lin(torch.ones(1, 2)).sum().backward()
+    grad = lin.weight.grad.clone()
+    vdist.all_reduce_grads(lin)
+    assert torch.equal(lin.weight.grad, grad)
     assert vdist.unwrap(torch.compile(lin)) is lin
     vdist.cleanup()
 

@@ -119,27 +119,40 @@ def iter_batches(
     world_size: int = 1,
     drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One pass over a split in batches. With a seed, shard order and samples inside a shard are shuffled.
+    """One pass over a split in batches of `batch_size` per rank. With a seed, shard order and samples
+    inside a shard are shuffled.
 
-    Under DDP each rank takes every world_size-th sample, so ranks see disjoint data.
+    Under DDP (world_size > 1) this is a distributed sampler over one global stream: consecutive global
+    batches of batch_size * world_size samples, of which rank r takes the r-th contiguous slice. So the
+    ranks' slices are disjoint, every rank yields the same number of batches, and together they are
+    exactly the batches a single process with batch_size * world_size would see. A last partial global
+    batch (drop_last=False) is split as evenly as np.array_split does; a rank whose share is empty skips it.
     """
     manifest = read_manifest(root)
     n_shards = len(manifest["splits"].get(split, {}).get("shards", []))
     rng = np.random.default_rng(seed) if seed is not None else None
     order = list(rng.permutation(n_shards)) if rng is not None else None
+    global_batch = batch_size * world_size
+    lo, hi = rank * batch_size, (rank + 1) * batch_size
     carry_a: list[np.ndarray] = []
     carry_y: list[np.ndarray] = []
     pending = 0
     for a, y in iter_shards(root, split, order):
         idx = rng.permutation(len(a)) if rng is not None else np.arange(len(a))
-        idx = idx[rank::world_size]
         carry_a.append(a[idx])
         carry_y.append(y[idx])
         pending += len(idx)
-        while pending >= batch_size:
-            a_all, y_all = np.concatenate(carry_a), np.concatenate(carry_y)
-            yield a_all[:batch_size], y_all[:batch_size]
-            carry_a, carry_y = [a_all[batch_size:]], [y_all[batch_size:]]
-            pending -= batch_size
+        if pending < global_batch:
+            continue
+        a_all, y_all = np.concatenate(carry_a), np.concatenate(carry_y)
+        full = pending - pending % global_batch
+        for start in range(0, full, global_batch):
+            # Copies, so a yielded batch does not pin the whole shard in memory.
+            yield a_all[start + lo : start + hi].copy(), y_all[start + lo : start + hi].copy()
+        carry_a, carry_y = [a_all[full:]], [y_all[full:]]
+        pending -= full
     if pending and not drop_last:
-        yield np.concatenate(carry_a), np.concatenate(carry_y)
+        a_all, y_all = np.concatenate(carry_a), np.concatenate(carry_y)
+        share = np.array_split(np.arange(pending), world_size)[rank]
+        if len(share):
+            yield a_all[share], y_all[share]

@@ -102,6 +102,38 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_mean_dict(values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
+    """Mean over ranks of every scalar in `values`, in one collective; every rank must call it."""
+    if not values:
+        return {}
+    tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    stacked = torch.stack(
+        [torch.as_tensor(v, device=device).detach().float().reshape(()) for v in values.values()]
+    )
+    return dict(zip(values, all_reduce_mean(stacked).unbind(), strict=True))
+
+
+@torch.no_grad()
+def all_reduce_grads(module: nn.Module) -> None:
+    """Average gradients over ranks in place, as DDP would, for a module kept outside DDP.
+
+    The tokenizer's discriminator uses this: it runs with frozen weights in the generator step and
+    through a double backward (R1), which DDP's reducer does not support. One flat all-reduce; every rank
+    must have run the same code path, so the same parameters hold gradients everywhere.
+    """
+    if not is_dist():
+        return
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(g.view_as(p))
+
+
 def all_gather_objects(obj: object) -> list:
     """Every rank's `obj`, in rank order (pickled; small things only)."""
     if not is_dist():

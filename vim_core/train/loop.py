@@ -115,7 +115,11 @@ def autocast_context(device: torch.device | str, bf16: bool) -> contextlib.Abstr
 
 
 def maybe_compile(module: nn.Module, flag: bool) -> nn.Module:
-    """torch.compile when asked; checkpoint.py and EMA unwrap `_orig_mod`, so state dict keys stay plain."""
+    """torch.compile when asked; checkpoint.py and EMA unwrap `_orig_mod`, so state dict keys stay plain.
+
+    Under DDP compile the DDP wrapper (compile(DDP(model))), so dynamo splits graphs at DDP's bucket
+    boundaries and gradient all-reduce overlaps the backward.
+    """
     return torch.compile(module) if flag else module
 
 
@@ -133,9 +137,16 @@ def device_from_flag(flag: Literal["auto", "cpu", "cuda"], local_rank: int = 0) 
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise VimError("device=cuda was requested but torch sees no CUDA device; use device=cpu or auto")
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(torch.device("cuda", local_rank))
     return torch.device("cuda", local_rank)
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (free speed on Ampere and later); a no-op on CPU."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high")  # also sets torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def resumable_batches(

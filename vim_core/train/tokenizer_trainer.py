@@ -26,7 +26,7 @@ from vim_core.train.loop import (
     autocast_context,
     check_finite,
     clip_grad,
-    device_from_flag,
+    enable_tf32,
     maybe_compile,
     progress,
     resumable_batches,
@@ -96,7 +96,8 @@ def train_tokenizer(
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = info.device if info.distributed else device_from_flag(t.device)
+    device = info.device  # cuda:LOCAL_RANK under torchrun on GPUs
+    enable_tf32(device)
     manifest = read_manifest(data_root)
     image_size, channels = manifest["image_size"], manifest["channels"]
     if t.batch_size % info.world_size:
@@ -121,7 +122,7 @@ def train_tokenizer(
     if use_gan:
         d = cfg.loss.discriminator
         disc = Discriminator(image_size, channels, d.width, d.max_width, d.mbstd_group).to(device)
-    fused = device.type == "cuda"
+    fused = device.type == "cuda"  # one fused AdamW kernel per step on GPUs
     opt = _optimizer(_param_groups(model, cfg), cfg, fused)
     sched = make_scheduler(opt, t.schedule, t.steps)
     modules: dict = {"model": model}
@@ -140,15 +141,19 @@ def train_tokenizer(
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, optimizers, schedulers)
     if start >= t.steps:
         log.info("checkpoint at step %d already covers the %d steps", start, t.steps)
-    trackers = [tracker] if tracker is not None else []
+    # Only rank 0 tracks (MLflow, JSONL, CSV); the other ranks log nothing.
+    trackers = [tracker] if tracker is not None and info.is_main else []
     if plots_dir is not None and info.is_main:
         trackers.append(
             JsonlTracker(Path(cfg.out_dir) / "log", plots_dir, prefix="tokenizer", start_step=start)
         )
     tracker = MultiTracker(*trackers) if trackers else NullTracker()
 
-    net = vdist.wrap_ddp(maybe_compile(model, t.compile), info)
-    d_net = vdist.wrap_ddp(disc, info) if disc is not None else None
+    net = maybe_compile(vdist.wrap_ddp(model, info), t.compile)
+    if disc is not None:
+        # D stays outside DDP: it runs frozen in the generator step and through R1's double backward,
+        # which DDP's reducer cannot follow. Its gradients are averaged by hand (all_reduce_grads).
+        vdist.broadcast_module(disc)
 
     def epoch_batches(epoch: int):
         return iter_batches(
@@ -185,7 +190,7 @@ def train_tokenizer(
                 for p in disc.parameters():
                     p.requires_grad_(False)
                 terms["adversarial"] = cfg.loss.adversarial_weight * g_loss(
-                    cfg.loss.gan_loss, d_net(out.recon)
+                    cfg.loss.gan_loss, disc(out.recon)
                 )
                 terms["total"] = terms["total"] + terms["adversarial"]
         check_finite(terms, step)
@@ -199,7 +204,7 @@ def train_tokenizer(
                 p.requires_grad_(True)
             if gan_on:
                 terms.update(
-                    _discriminator_step(cfg, d_net, opt_d, x, out.recon.detach(), step, t.bf16, device)
+                    _discriminator_step(cfg, disc, opt_d, x, out.recon.detach(), step, t.bf16, device)
                 )
             with warnings.catch_warnings():  # before the GAN starts D's optimizer has not stepped yet
                 warnings.simplefilter("ignore", UserWarning)
@@ -207,13 +212,19 @@ def train_tokenizer(
         if ema is not None:
             ema.update(model)
         bar.update(1)
-        if info.is_main and (step % t.log_every == 0 or step == t.steps - 1):
-            metrics = {f"loss/{k}": v for k, v in terms.items()}
-            metrics.update({f"train/{k}": v for k, v in out.stats.items()})
-            metrics["train/grad_norm"] = grad_norm
-            metrics["train/lr"] = sched.get_last_lr()[0]
-            tracker.log_metrics(metrics, step)
-            bar.set_postfix(loss=f"{terms['total'].item():.4f}", usage=f"{out.stats['usage'].item():.2f}")
+        if step % t.log_every == 0 or step == t.steps - 1:
+            # Losses are averaged over ranks (a collective, so every rank joins): the loss of the global
+            # batch. The batch stats (usage, perplexity) are rank 0's own slice.
+            losses = vdist.all_reduce_mean_dict(terms)
+            if info.is_main:
+                metrics = {f"loss/{k}": v for k, v in losses.items()}
+                metrics.update({f"train/{k}": v for k, v in out.stats.items()})
+                metrics["train/grad_norm"] = grad_norm
+                metrics["train/lr"] = sched.get_last_lr()[0]
+                tracker.log_metrics(metrics, step)
+                bar.set_postfix(
+                    loss=f"{losses['total'].item():.4f}", usage=f"{out.stats['usage'].item():.2f}"
+                )
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             save_checkpoint(ckpt_dir, step + 1, modules, optimizers, schedulers, keep_last=t.keep_checkpoints)
     bar.close()
@@ -245,20 +256,21 @@ def train_tokenizer(
     return TokenizerRun(model=final, metrics=metrics, model_path=model_path)
 
 
-def _discriminator_step(cfg, d_net, opt_d, real, fake, step, bf16, device) -> dict:
+def _discriminator_step(cfg, disc, opt_d, real, fake, step, bf16, device) -> dict:
     loss_cfg = cfg.loss
     with autocast_context(device, bf16):
-        loss = d_loss(loss_cfg.gan_loss, d_net(real), d_net(fake))
+        loss = d_loss(loss_cfg.gan_loss, disc(real), disc(fake))
     out = {"disc": loss.detach()}
     if loss_cfg.r1_weight > 0 and step % loss_cfg.r1_every == 0:
         # Lazy R1 (StyleGAN2): every r1_every steps, scaled up by the interval.
-        r1 = r1_penalty(d_net, real)
+        r1 = r1_penalty(disc, real)
         loss = loss + loss_cfg.r1_weight * 0.5 * loss_cfg.r1_every * r1
         out["r1"] = r1.detach()
     check_finite(out, step)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
-    clip_grad(d_net, cfg.train.grad_clip)
+    vdist.all_reduce_grads(disc)  # what DDP does for the generator
+    clip_grad(disc, cfg.train.grad_clip)
     opt_d.step()
     return out
 

@@ -21,7 +21,7 @@ from vim_core.train.loop import (
     autocast_context,
     check_finite,
     clip_grad,
-    device_from_flag,
+    enable_tf32,
     maybe_compile,
     progress,
     resumable_batches,
@@ -106,7 +106,8 @@ def train_transformer(
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = info.device if info.distributed else device_from_flag(t.device)
+    device = info.device  # cuda:LOCAL_RANK under torchrun on GPUs
+    enable_tf32(device)
     manifest = read_manifest(cfg.tokens_dir)
     if t.batch_size % info.world_size:
         raise VimError(
@@ -120,7 +121,7 @@ def train_transformer(
     set_seed(seed)
     model = build_vim(cfg, manifest).to(device)
     conditional = model.num_classes > 0
-    opt = model.configure_optimizers(t.weight_decay, t.schedule.peak_lr, t.betas)
+    opt = model.configure_optimizers(t.weight_decay, t.schedule.peak_lr, t.betas)  # fused on CUDA
     sched = make_scheduler(opt, t.schedule, t.steps)
     modules: dict = {"model": model}
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
@@ -129,7 +130,8 @@ def train_transformer(
     fp = fingerprint(cfg, manifest, seed)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, {"model": opt}, {"model": sched})
-    trackers = [tracker] if tracker is not None else []
+    # Only rank 0 tracks (MLflow, JSONL, CSV); the other ranks log nothing.
+    trackers = [tracker] if tracker is not None and info.is_main else []
     if plots_dir is not None and info.is_main:
         trackers.append(
             JsonlTracker(Path(cfg.out_dir) / "log", plots_dir, prefix="transformer", start_step=start)
@@ -145,7 +147,7 @@ def train_transformer(
         }
     )
 
-    net = vdist.wrap_ddp(maybe_compile(model, t.compile), info)
+    net = maybe_compile(vdist.wrap_ddp(model, info), t.compile)
 
     def epoch_batches(epoch: int):
         return iter_batches(
@@ -177,17 +179,19 @@ def train_transformer(
         if ema is not None:
             ema.update(model)
         bar.update(1)
-        if info.is_main and (step % t.log_every == 0 or step == t.steps - 1):
-            tracker.log_metrics(
-                {
-                    "loss/train": loss.detach(),
-                    "loss/train_bits_per_token": loss.detach() / math.log(2),
-                    "train/grad_norm": grad_norm,
-                    "train/lr": sched.get_last_lr()[0],
-                },
-                step,
-            )
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % t.log_every == 0 or step == t.steps - 1:
+            mean_loss = vdist.all_reduce_mean(loss.detach())  # the global batch's loss; every rank joins
+            if info.is_main:
+                tracker.log_metrics(
+                    {
+                        "loss/train": mean_loss,
+                        "loss/train_bits_per_token": mean_loss / math.log(2),
+                        "train/grad_norm": grad_norm,
+                        "train/lr": sched.get_last_lr()[0],
+                    },
+                    step,
+                )
+                bar.set_postfix(loss=f"{mean_loss.item():.3f}")
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             save_checkpoint(
                 ckpt_dir, step + 1, modules, {"model": opt}, {"model": sched}, keep_last=t.keep_checkpoints
