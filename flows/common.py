@@ -2,7 +2,9 @@
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from vim_core.errors import ConfigError, TransientError, VimError
 
@@ -22,6 +24,44 @@ def retry_transient(task, task_run, state) -> bool:
     except Exception:
         return False
     return False
+
+
+def stage_params(params, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
+    """The params.yaml sections a stage declares in dvc.yaml (all of them when dvc.yaml is absent)."""
+    import yaml
+
+    full = params.model_dump(mode="json")
+    dvc_yaml = Path(dvc_yaml)
+    if not dvc_yaml.is_file():
+        return full
+    keys = ((yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}).get("params")
+    if not keys:
+        return full
+    out: dict = {}
+    for key in keys:
+        if isinstance(key, dict):  # {params_file: [keys]}: another file's keys, not ours
+            continue
+        src, dst, parts = full, out, key.split(".")
+        for part in parts[:-1]:
+            src = src.get(part, {}) if isinstance(src, dict) else {}
+            dst = dst.setdefault(part, {})
+        if isinstance(src, dict) and parts[-1] in src:
+            dst[parts[-1]] = src[parts[-1]]
+    return out
+
+
+@contextmanager
+def tracked_stage(stage: str, params) -> Iterator:
+    """One MLflow run for a DVC stage (see flows.tracking.stage_run); yields its tracker.
+
+    Logs the params the stage declares in dvc.yaml and, when the block succeeds, the metrics and plots it
+    declares there. With VIM_TRACKING=off the tracker discards everything.
+    """
+    from flows.tracking import log_stage_outputs, stage_run
+
+    with stage_run(stage, stage_params(params, stage)) as tracker:
+        yield tracker
+        log_stage_outputs(tracker, stage)
 
 
 def failed_on_bad_input(fn: Callable[..., object], *args, **kwargs):

@@ -5,7 +5,8 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, run_stage
+from flows.common import failed_on_bad_input, run_stage, tracked_stage
+from flows.tracking import set_run_tags
 from vim_core.config import Params, load_params
 from vim_core.io import atomic_write_text
 
@@ -26,8 +27,12 @@ def evaluate_flow(params_path: str = "params.yaml"):
 
 
 def _evaluate(params_path: str) -> dict:
-    metrics = score(load_params(params_path))
-    atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    params = load_params(params_path)
+    with tracked_stage("evaluate", params) as tracker:
+        metrics = score(params)
+        atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        # the hash that decides which registry versions compare (flows/registry.py)
+        set_run_tags(tracker.run_id, {"vim.eval_config_hash": metrics["eval_config_hash"]})
     return metrics
 
 

@@ -5,7 +5,7 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.common import failed_on_bad_input, retry_transient, run_stage, tracked_stage
 from vim_core.config import DataConfig, load_params
 from vim_core.data.prepare import prepare
 from vim_core.io import atomic_write_text
@@ -25,8 +25,9 @@ def prepare_data(params_path: str = "params.yaml"):
 
 def _prepare_data(params_path: str) -> dict:
     params = load_params(params_path)
-    summary = write_dataset(params.data)
-    atomic_write_text("metrics/data.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with tracked_stage("prepare_data", params):
+        summary = write_dataset(params.data)
+        atomic_write_text("metrics/data.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 

@@ -5,7 +5,7 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, run_stage
+from flows.common import failed_on_bad_input, run_stage, tracked_stage
 from vim_core.config import Params, load_params
 from vim_core.io import atomic_write_text
 
@@ -13,10 +13,14 @@ METRICS = "metrics/transformer.json"
 
 
 @task
-def train(params: Params) -> dict:
+def train(params: Params, run_id: str | None = None) -> dict:
+    from flows.tracking import tracker_for
     from vim_core.train.transformer_trainer import train_transformer
 
-    return train_transformer(params.transformer, seed=params.seed, plots_dir="plots").metrics
+    run = train_transformer(
+        params.transformer, seed=params.seed, tracker=tracker_for(run_id), plots_dir="plots"
+    )
+    return run.metrics
 
 
 @flow(name="pretrain_transformer")
@@ -26,8 +30,10 @@ def pretrain_transformer_flow(params_path: str = "params.yaml"):
 
 
 def _pretrain(params_path: str) -> dict:
-    metrics = train(load_params(params_path))
-    atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    params = load_params(params_path)
+    with tracked_stage("pretrain_transformer", params) as tracker:
+        metrics = train(params, tracker.run_id)
+        atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

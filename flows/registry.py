@@ -143,11 +143,12 @@ def _decide(names, challengers, champions, metric, lower_is_better, guard_metric
             return "refused", (
                 f"eval config differs (challenger {ours}, champion {theirs}): not scored on the same evaluation"
             )
-    guard = _metric(challenger, guard_metric)
-    if guard is None:
-        return "refused", f"challenger {lead} v{challenger.version} has no {guard_metric}"
-    if guard < guard_min:
-        return "kept", f"guard failed: {guard_metric} {guard:g} < {guard_min:g}"
+    if guard_metric is not None:  # None: no guard
+        guard = _metric(challenger, guard_metric)
+        if guard is None:
+            return "refused", f"challenger {lead} v{challenger.version} has no {guard_metric}"
+        if guard < guard_min:
+            return "kept", f"guard failed: {guard_metric} {guard:g} < {guard_min:g}"
     if champion is None:
         return "promoted", "first challenger to pass the guard"
     best = _metric(champion, metric)
@@ -161,14 +162,15 @@ def _decide(names, challengers, champions, metric, lower_is_better, guard_metric
 
 def _table(names, challengers, champions, metric, guard_metric) -> dict[str, list]:
     """Columns for mlflow.log_table: one row per (model, role)."""
-    cols = {k: [] for k in ("model", "role", "version", metric, guard_metric, "eval_config_hash", "bundle")}
+    scores = [m for m in (metric, guard_metric) if m is not None]
+    cols = {k: [] for k in ("model", "role", "version", *scores, "eval_config_hash", "bundle")}
     for name in names:
         for role, mv in ((CHAMPION, champions[name]), (CHALLENGER, challengers[name])):
             cols["model"].append(name)
             cols["role"].append(role)
             cols["version"].append(None if mv is None else str(mv.version))
-            cols[metric].append(_metric(mv, metric))
-            cols[guard_metric].append(_metric(mv, guard_metric))
+            for m in scores:
+                cols[m].append(_metric(mv, m))
             cols["eval_config_hash"].append(None if mv is None else mv.tags.get(EVAL_HASH_TAG))
             cols["bundle"].append(None if mv is None else mv.tags.get(BUNDLE_TAG))
     return cols
@@ -197,7 +199,7 @@ def compare_and_promote(
     names=MODEL_NAMES,
     metric: str = "fid_domain",
     lower_is_better: bool = True,
-    guard_metric: str = "class_accuracy",
+    guard_metric: str | None = "class_accuracy",
     guard_min: float = 0.9,
     *,
     run_id: str | None = None,
@@ -205,8 +207,9 @@ def compare_and_promote(
     """Compare the challenger set with the champion set; move `champion` to the challengers if they win.
 
     The challenger wins when it was scored on the same evaluation as the champion (same eval-config
-    hash), is strictly better on `metric`, and has `guard_metric` >= `guard_min`. With no champion yet,
-    the first challenger passing the guard becomes champion. Ties keep the champion.
+    hash), is strictly better on `metric`, and has `guard_metric` >= `guard_min` (no guard when
+    guard_metric is None). With no champion yet, the first challenger passing the guard becomes
+    champion. Ties keep the champion.
     Returns the decision with its comparison table; both are logged to `run_id` (default: the active
     run, if any) as promotion/decision.json and the table promotion/comparison.json.
     """

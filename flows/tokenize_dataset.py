@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, run_stage
+from flows.common import failed_on_bad_input, run_stage, tracked_stage
 from vim_core.config import Params, load_params
 from vim_core.io import atomic_write_text
 
@@ -34,8 +34,10 @@ def tokenize_dataset_flow(params_path: str = "params.yaml"):
 
 
 def _tokenize(params_path: str) -> dict:
-    summary = encode(load_params(params_path))
-    atomic_write_text("metrics/tokens.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    params = load_params(params_path)
+    with tracked_stage("tokenize_dataset", params):
+        summary = encode(params)
+        atomic_write_text("metrics/tokens.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 

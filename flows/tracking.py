@@ -8,7 +8,10 @@ bare `dvc repro`) is a top-level run of the same experiment.
 
 The embedded default is a sqlite store `mlflow.db` in the repo root with artifacts under `mlartifacts/`
 (both git-ignored); MLFLOW_TRACKING_URI points everything at a server instead. VIM_TRACKING=off turns
-MLflow off: stage_run() then yields a tracker that discards everything.
+MLflow off: stage_run() then yields a tracker that discards everything (vim_core's NullTracker).
+
+log_stage_outputs() logs what dvc.yaml declares as a stage's metrics and plots, so a stage's MLflow run
+and `dvc metrics show` / `dvc plots show` present the same files.
 """
 
 import hashlib
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from vim_core.errors import TransientError, VimError
+from vim_core.train.tracking import NullTracker, Tracker
 
 log = logging.getLogger("vim.tracking")
 
@@ -299,22 +303,76 @@ class MlflowTracker:
         self.client.log_image(self.run_id, _hwc(image), artifact_file=f"images/{file}")
 
 
-class _Discard:
-    """What stage_run yields when tracking is off: the Tracker protocol, doing nothing."""
+class _Discard(NullTracker):
+    """What stage_run yields when tracking is off: vim_core's NullTracker, with no run."""
 
     run_id = None
 
-    def log_params(self, params: dict) -> None:
-        pass
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        pass
+def tracker_for(run_id: str | None) -> Tracker:
+    """The tracker a task hands to a trainer: MLflow for a run id, else one that discards everything.
 
-    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
-        pass
+    Tasks take the run id rather than the tracker, so Prefect sees a plain string as the task input.
+    """
+    return MlflowTracker(run_id) if run_id else _Discard()
 
-    def log_image(self, image, name: str) -> None:
-        pass
+
+def set_run_tags(run_id: str | None, tags: dict) -> None:
+    """Tags on a run; nothing when tracking is off (run_id None)."""
+    if run_id:
+        c = client()
+        for key, value in _clean_tags(tags).items():
+            c.set_tag(run_id, key, value)
+
+
+def log_json_metrics(tracker: Tracker, path: str | Path, step: int = 0) -> None:
+    """A stage's metrics JSON: its numbers as run metrics (nested keys joined by '/'), the file as artifact."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    tracker.log_metrics(_numbers(data), step)
+    tracker.log_artifact(path, f"metrics/{path.name}")
+
+
+def _numbers(data: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key == "definitions":  # how each metric was computed (sample counts, seeds): not measurements
+            continue
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{name}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def log_stage_outputs(tracker: Tracker, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
+    """What dvc.yaml declares as the stage's metrics and plots: numbers as metrics, PNGs as images, CSVs
+    as artifacts. Reading dvc.yaml keeps MLflow and `dvc metrics/plots` showing the same files."""
+    import yaml
+
+    dvc_yaml = Path(dvc_yaml)
+    if not dvc_yaml.is_file():
+        return
+    spec = (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}
+    root = dvc_yaml.parent
+    for entry in spec.get("metrics", []):
+        log_json_metrics(tracker, root / _out_path(entry))
+    for entry in spec.get("plots", []):
+        path = root / _out_path(entry)
+        if not path.is_file():
+            continue
+        if path.suffix.lower() == ".png":
+            tracker.log_image(path, path.stem)
+        else:
+            tracker.log_artifact(path, f"plots/{path.name}")
+
+
+def _out_path(entry) -> str:
+    """A dvc.yaml output entry: a path, or {path: options}."""
+    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
 
 
 # ---- runs

@@ -5,7 +5,7 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, run_stage
+from flows.common import failed_on_bad_input, run_stage, tracked_stage
 from vim_core.config import Params, load_params
 from vim_core.io import atomic_write_text
 
@@ -14,10 +14,17 @@ PLOTS = "plots"
 
 
 @task
-def train(params: Params) -> dict:
+def train(params: Params, run_id: str | None = None) -> dict:
+    from flows.tracking import tracker_for
     from vim_core.train.tokenizer_trainer import train_tokenizer
 
-    run = train_tokenizer(params.tokenizer, params.data.out_dir, seed=params.seed, plots_dir=PLOTS)
+    run = train_tokenizer(
+        params.tokenizer,
+        params.data.out_dir,
+        seed=params.seed,
+        tracker=tracker_for(run_id),
+        plots_dir=PLOTS,
+    )
     return run.metrics
 
 
@@ -29,8 +36,9 @@ def train_tokenizer_flow(params_path: str = "params.yaml"):
 
 def _train_tokenizer(params_path: str) -> dict:
     params = load_params(params_path)
-    metrics = train(params)
-    atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with tracked_stage("train_tokenizer", params) as tracker:
+        metrics = train(params, tracker.run_id)
+        atomic_write_text(METRICS, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

@@ -83,9 +83,53 @@ def s3_env(s3, monkeypatch) -> S3Endpoint:
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """A real `prefect server start` on loopback (UI and API), once per session; yields its base URL."""
+    url, proc = servers.start_prefect(tmp_path_factory.mktemp("prefect"))
+    yield url
+    servers.stop(proc, timeout=20)
+
+
+@pytest.fixture(scope="session")
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     with np.load(REPO / "vim_core" / "data" / "embedded" / "mnist.npz") as npz:
         return npz["images"], npz["labels"]
+
+
+def copy_repo(dst: Path) -> Path:
+    """A git checkout of the working tree at `dst` (what repo_copy makes), for fixtures of wider scope."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if rel.split("/")[0] in ("data", "models", ".venv"):  # pipeline outputs are regenerated
+            continue
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    git_commit(dst, "copy", init=True)
+    return dst
+
+
+def git_commit(repo: Path, message: str, init: bool = False) -> None:
+    env = {**os.environ, **GIT_IDENTITY}
+    if init:
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True, env=env)
+
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 
 @pytest.fixture

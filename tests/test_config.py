@@ -30,6 +30,7 @@ def test_committed_params_are_valid():
             "url must be empty",
         ),
         ({"bogus": 1}, "bogus", "Extra inputs"),
+        ({"schedule": {"cron": "every monday"}}, "schedule", "must have 5 fields"),
     ],
 )
 def test_bad_params_name_key_value_and_rule(raw, path, rule):

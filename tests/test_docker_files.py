@@ -276,7 +276,7 @@ def test_server_commands_match_the_pipeline(compose):
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
-    assert s["deploy"]["command"] == ["python", "-m", "flows.deploy"]
+    assert s["deploy"]["command"] == ["python", "-m", "flows.deploy", "--pool", "vim-process"]
 
 
 def test_deployment_targets_the_worker_pool(compose):

@@ -12,7 +12,12 @@ BIN = Path(sys.executable).parent
 
 
 def _run(cmd, cwd, **kw):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "VIM_TRACKING": "off",
+    }
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, **kw)
 
 

@@ -172,3 +172,15 @@ def test_missing_metric_or_hash_is_refused():
     assert (
         eval_config_hash({"a": 1, "b": 2}) == eval_config_hash({"b": 2, "a": 1}) != eval_config_hash({"a": 2})
     )
+
+
+def test_no_guard_metric_means_no_guard():
+    champ = {"a": _mv("1", 10.0)}
+    no_acc = _mv("2", 5.0, bundle="b2")
+    del no_acc.tags["metric.class_accuracy"]
+    assert registry._decide(("a",), {"a": no_acc}, champ, "fid_domain", True, None, 0.9)[0] == "promoted"
+    assert (
+        registry._decide(("a",), {"a": no_acc}, {"a": None}, "fid_domain", True, None, 0.9)[0] == "promoted"
+    )
+    table = registry._table(("a",), {"a": no_acc}, champ, "fid_domain", None)
+    assert set(table) == {"model", "role", "version", "fid_domain", "eval_config_hash", "bundle"}

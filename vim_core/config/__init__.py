@@ -7,7 +7,13 @@ from pydantic import Field, ValidationError, model_validator
 
 from vim_core.config.base import StrictModel
 from vim_core.config.data import DataConfig, SourceConfig
-from vim_core.config.pipeline import EvaluateSection, PromotionConfig, TokenizerSection, TransformerSection
+from vim_core.config.pipeline import (
+    EvaluateSection,
+    PromotionConfig,
+    ScheduleConfig,
+    TokenizerSection,
+    TransformerSection,
+)
 from vim_core.config.tokenizer import check_tokenizer
 from vim_core.errors import ConfigError
 
@@ -21,6 +27,7 @@ class Params(StrictModel):
     transformer: TransformerSection = Field(default_factory=TransformerSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "Params":

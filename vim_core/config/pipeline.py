@@ -1,6 +1,6 @@
 """The per-stage sections of params.yaml, composed from the model, loss and loop configs."""
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vim_core.config.base import StrictModel
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
@@ -104,3 +104,16 @@ class PromotionConfig(StrictModel):
     lower_is_better: bool = True
     guard_metric: str | None = "class_accuracy"
     guard_min: float = 0.9
+
+
+class ScheduleConfig(StrictModel):
+    """`schedule:` — when the retraining deployment (flows/deploy.py) runs the pipeline."""
+
+    cron: str = Field(default="0 3 * * 1", description="5-field cron expression (default: Mondays 03:00)")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron is read in")
+
+    @model_validator(mode="after")
+    def _five_fields(self) -> "ScheduleConfig":
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"cron {self.cron!r} must have 5 fields: minute hour day month weekday")
+        return self

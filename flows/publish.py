@@ -1,0 +1,304 @@
+"""Publish a finished pipeline run: log its models to MLflow, register them as the challenger, promote.
+
+Not a DVC stage: its output is registry state, not files. `flows/retrain.py` calls it right after
+`dvc repro`; `python -m flows.publish` does the same for a pipeline you ran yourself. It refuses to
+publish when `dvc status` says the outputs are stale, so the registered weights are the ones the eval
+metrics in metrics/eval.json were measured on.
+
+Three models, each a pyfunc logged from code (flows/pyfunc_models.py) with a signature, its weights
+taken as the pipeline's safetensors files: vit-vqgan (the tokenizer), vim-transformer, and vim-generator
+(both, class ids in, PNG images out). They are registered as one bundle with the eval metrics and the
+eval-config hash, aliased `challenger`, and compare_and_promote moves `champion` to them only if they
+beat the champion on params.yaml's `promotion:` rule.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
+from flows.tracking import check_reachable, enabled, log_json_metrics, stage_run
+from vim_core.config import Params, load_params
+from vim_core.errors import TransientError, VimError
+
+log = logging.getLogger("vim.publish")
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CODE = Path(__file__).with_name("pyfunc_models.py")
+EVAL_METRICS = "metrics/eval.json"
+KINDS = dict(zip(("tokenizer", "transformer", "generator"), MODEL_NAMES, strict=True))
+# What the logged models import, pinned to the versions that logged them.
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydantic",
+    "einops",
+    "safetensors",
+    "fsspec",
+    "pyyaml",
+    "tqdm",
+)
+RETRY = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
+
+
+# ---- what gets logged
+
+
+def model_files(params: Params) -> dict[str, str]:
+    """The pipeline's exported weights (relative to the working directory), checked to belong together."""
+    from vim_core.io import sha256_file
+    from vim_core.transformer.export import load_transformer
+
+    files = {
+        "tokenizer": str(Path(params.tokenizer.out_dir) / "tokenizer.safetensors"),
+        "transformer": str(Path(params.transformer.out_dir) / "transformer.safetensors"),
+    }
+    for path in files.values():
+        if not Path(path).is_file():
+            raise VimError(f"{path} is missing; run the pipeline (dvc repro) first")
+    _, extra = load_transformer(files["transformer"])
+    expected = extra.get("tokenizer_sha256")
+    if expected and expected != sha256_file(files["tokenizer"]):
+        raise VimError(
+            f"{files['transformer']} was trained on tokens of another tokenizer than {files['tokenizer']}"
+        )
+    return files
+
+
+def sampling_defaults(params: Params) -> dict:
+    """The sampling options the evaluate stage used; the generator's defaults (0 / 1.0 switch top-k/p off)."""
+    s = params.transformer.sampling
+    cfg = params.evaluate.cfg_scale if params.evaluate.cfg_scale is not None else s.cfg_scale
+    return {
+        "temperature": float(s.temperature),
+        "top_k": int(s.top_k or 0),
+        "top_p": float(s.top_p if s.top_p is not None else 1.0),
+        "cfg_scale": float(cfg),
+        "seed": int(s.seed),
+        "batch_size": int(s.batch_size),
+    }
+
+
+def signatures(files: dict[str, str], defaults: dict) -> dict:
+    """The three models' signatures, shaped by the trained models themselves."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from vim_core.tokenizer.model import load_tokenizer
+    from vim_core.transformer.export import load_transformer
+
+    tok = load_tokenizer(files["tokenizer"])
+    vim, _ = load_transformer(files["transformer"])
+    images = TensorSpec(np.dtype(np.uint8), (-1, tok.channels, tok.image_size, tok.image_size))
+    tokens = TensorSpec(np.dtype(np.int64), (-1, vim.seq_len))
+    classes = Schema([ColSpec("long")])  # unnamed: a DataFrame column, a list or an array all fit
+    kinds = {"temperature": "double", "top_p": "double", "cfg_scale": "double"}
+    options = ParamSchema([ParamSpec(k, kinds.get(k, "long"), v) for k, v in defaults.items()])
+    return {
+        "tokenizer": ModelSignature(inputs=Schema([images]), outputs=Schema([tokens])),
+        "transformer": ModelSignature(inputs=classes, outputs=Schema([tokens]), params=options),
+        "generator": ModelSignature(
+            inputs=classes,
+            outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "image_png")]),
+            params=options,
+        ),
+    }
+
+
+def requirements() -> list[str]:
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@contextmanager
+def vim_core_source() -> Iterator[str]:
+    """A copy of vim_core's Python files (no embedded data), shipped in each model's code folder."""
+    src = REPO / "vim_core"
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "vim_core"
+        for path in src.rglob("*.py"):
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        yield str(dst)
+
+
+@contextmanager
+def _in_run(run_id: str) -> Iterator[None]:
+    """mlflow.pyfunc.log_model logs to the fluent active run: make it `run_id` in this thread."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        yield
+
+
+@contextmanager
+def _mlflow_io() -> Iterator[None]:
+    """Turn MLflow's 'server did not answer' errors into TransientError, so the task retries them."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        text = str(err)
+        if err.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") or "Max retries" in text:
+            raise TransientError(f"MLflow: {text.splitlines()[0]}") from err
+        raise
+
+
+# ---- the tasks
+
+
+@task(**RETRY)
+def log_models(params: Params, run_id: str) -> dict[str, str]:
+    """Log the three pyfunc models to `run_id`; returns registry name -> models:/m-... URI."""
+    import mlflow
+
+    check_reachable()
+    files = model_files(params)
+    defaults = sampling_defaults(params)
+    sigs = signatures(files, defaults)
+    artifacts = {
+        "tokenizer": {"tokenizer": files["tokenizer"]},
+        "transformer": {"transformer": files["transformer"]},
+        "generator": files,
+    }
+    uris = {}
+    with _mlflow_io(), _in_run(run_id), vim_core_source() as code, warnings.catch_warnings():
+        # the signatures are explicit; an input example would only make MLflow sample at log time
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        for kind, name in KINDS.items():
+            info = mlflow.pyfunc.log_model(
+                name=kind,
+                python_model=str(MODEL_CODE),
+                artifacts=artifacts[kind],
+                code_paths=[code],
+                signature=sigs[kind],
+                model_config={kind: {} if kind == "tokenizer" else defaults},
+                pip_requirements=requirements(),
+            )
+            uris[name] = info.model_uri
+    return uris
+
+
+@task(**RETRY)
+def register(uris: dict[str, str], metrics: dict, run_id: str, eval_hash: str) -> dict[str, str]:
+    with _mlflow_io():
+        return register_bundle(uris, metrics, run_id, eval_hash=eval_hash)
+
+
+@task(**RETRY)
+def promote(params: Params, run_id: str) -> dict:
+    p = params.promotion
+    with _mlflow_io():
+        return compare_and_promote(
+            MODEL_NAMES,
+            metric=p.metric,
+            lower_is_better=p.lower_is_better,
+            guard_metric=p.guard_metric,
+            guard_min=p.guard_min,
+            run_id=run_id,
+        )
+
+
+# ---- checks before anything is registered
+
+
+def eval_metrics(params: Params) -> tuple[dict[str, float], str]:
+    """The eval metrics to register and their eval-config hash, checked against the current params."""
+    from vim_core.eval.report import eval_config_hash
+
+    path = Path(EVAL_METRICS)
+    if not path.is_file():
+        raise VimError(f"{EVAL_METRICS} is missing; run the pipeline (dvc repro) first")
+    data = json.loads(path.read_text())
+    recorded, current = data.get("eval_config_hash"), eval_config_hash(params)
+    if recorded != current:
+        raise VimError(
+            f"{EVAL_METRICS} was scored with eval config {recorded}, params.yaml now gives {current}; "
+            "run dvc repro first"
+        )
+    numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return numbers, current
+
+
+def check_up_to_date() -> None:
+    """Refuse stale outputs: `dvc status` must report nothing changed (skipped outside a DVC repo)."""
+    if not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
+        return
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc) if dvc.exists() else "dvc", "status", "--json", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        changed = json.loads(out.stdout or "{}")
+    except json.JSONDecodeError:
+        raise VimError(f"dvc status failed: {(out.stderr or out.stdout).strip()[-300:]}") from None
+    if changed:
+        raise VimError(
+            f"the pipeline's outputs are stale ({', '.join(sorted(changed))}); run dvc repro first"
+        )
+
+
+# ---- the flow
+
+
+def publish_pipeline(params: Params, check_status: bool = True) -> dict:
+    """Log, register and compare, in a `publish` run (nested under the pipeline run when there is one)."""
+    if not enabled():
+        raise VimError("publishing registers models in MLflow; it needs tracking on (unset VIM_TRACKING)")
+    if check_status:
+        check_up_to_date()
+    metrics, eval_hash = eval_metrics(params)
+    with stage_run("publish", {"promotion": params.promotion.model_dump(mode="json")}) as tracker:
+        log_json_metrics(tracker, EVAL_METRICS)
+        uris = log_models(params, tracker.run_id)
+        versions = register(uris, metrics, tracker.run_id, eval_hash)
+        decision = promote(params, tracker.run_id)
+    log.info("registered %s; promotion %s: %s", versions, decision["outcome"], decision["reason"])
+    return {"run_id": tracker.run_id, "models": uris, "versions": versions, "promotion": decision}
+
+
+@flow(name="publish")
+def publish(params_path: str = "params.yaml"):
+    """Register the pipeline's models as the challenger and promote them if they beat the champion."""
+    return failed_on_bad_input(_publish, params_path)
+
+
+def _publish(params_path: str) -> dict:
+    report = publish_pipeline(load_params(params_path))
+    decision = report["promotion"]
+    print(
+        json.dumps(
+            {"versions": report["versions"], "promotion": decision["outcome"], "reason": decision["reason"]}
+        )
+    )
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(publish))

@@ -1,0 +1,185 @@
+"""Retraining: the whole pipeline through DVC under one MLflow pipeline run, then publish and promote.
+
+    python -m flows.retrain                                   # dvc repro, then publish
+    python -m flows.retrain --set transformer.train.steps=1000  # a variant: dvc exp run -S ...
+    python -m flows.retrain --push                            # and dvc push to the default remote
+
+The pipeline runs as a `dvc repro` (or `dvc exp run`) subprocess, so a scheduled run is versioned like a
+manual one: DVC skips the stages whose inputs did not change and records dvc.lock. Each stage process
+nests its MLflow run under this flow's pipeline run (VIM_PARENT_RUN_ID) and reports to the same Prefect
+API. Then flows/publish.py registers the models as the challenger and promotes them if they win.
+`flows/deploy.py` puts this flow on a cron schedule.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import failed_on_bad_input, retry_transient
+from flows.publish import publish_pipeline
+from flows.tracking import check_reachable, enabled, pipeline_run
+from vim_core.config import load_params
+from vim_core.errors import TransientError, VimError
+
+log = logging.getLogger("vim.retrain")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# dvc push errors that no retry fixes; anything else (timeouts, refused connections, 5xx) is retried.
+_NOT_TRANSIENT = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "403")
+
+
+def _dvc() -> str:
+    return str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
+
+
+def _prefect_api_url() -> str | None:
+    """This process's Prefect API: PREFECT_API_URL, or the ephemeral server this flow started.
+
+    Handing it to the stage processes spares each one from starting its own temporary server (~15 s).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running else None
+
+
+def _child_env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    url = _prefect_api_url()
+    if url:
+        env["PREFECT_API_URL"] = url
+    return env
+
+
+def _run(cmd: list[str], what: str) -> str:
+    """Run a command in the repo, its output line by line into the flow's log; VimError on failure."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called outside a flow run
+        logger = log
+    logger.info("$ %s", " ".join(cmd))
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(
+        cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info(line)
+    if proc.returncode != 0:
+        errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
+        cause = errors[-1] if errors else (tail[-1] if tail else "no output")
+        raise VimError(f"{what} failed (exit {proc.returncode}): {cause}")
+    return "\n".join(tail)
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
+def tracking_ready() -> None:
+    """The tracking server answers (retried with backoff: it may be restarting)."""
+    check_reachable()
+
+
+@task
+def repro(set_params: list[str]) -> None:
+    """`dvc repro`, or `dvc exp run -S k=v ...` for a variant (its params stay in the workspace)."""
+    if set_params:
+        cmd = [_dvc(), "exp", "run"]
+        for item in set_params:
+            cmd += ["-S", item]
+        _run(cmd, "dvc exp run")
+    else:
+        _run([_dvc(), "repro"], "dvc repro")
+
+
+@task(retries=3, retry_delay_seconds=[5, 15, 45], retry_condition_fn=retry_transient)
+def push() -> None:
+    """`dvc push` to the default remote; network failures retry, refused credentials do not."""
+    remote = subprocess.run(
+        [_dvc(), "remote", "default"], cwd=REPO, env=_child_env(), capture_output=True, text=True
+    )
+    if remote.returncode != 0 or not remote.stdout.strip():
+        raise VimError("--push needs a default DVC remote: dvc remote add -d NAME s3://bucket/path")
+    try:
+        _run([_dvc(), "push"], "dvc push")
+    except VimError as err:
+        if any(marker in str(err) for marker in _NOT_TRANSIENT):
+            raise
+        raise TransientError(str(err)) from None
+
+
+def _trigger() -> dict[str, str]:
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"vim.trigger": deployment.name or "manual", "vim.repo": str(REPO)}
+    if flow_run.id:
+        tags["prefect.flow_run_id"] = str(flow_run.id)
+    return tags
+
+
+@flow(name="retrain")
+def retrain(set_params: list[str] | None = None, push_outputs: bool = False):
+    """Run the pipeline through DVC under one MLflow run, register the models, promote if they win."""
+    return failed_on_bad_input(_retrain, list(set_params or []), push_outputs)
+
+
+def _retrain(set_params: list[str], push_outputs: bool) -> dict:
+    if not enabled():
+        raise VimError("retrain registers models in MLflow; it needs tracking on (unset VIM_TRACKING)")
+    tracking_ready()
+    with contextlib.chdir(REPO), pipeline_run("retrain", tags=_trigger()) as run_id:
+        repro(set_params)
+        # DVC just brought every output up to date, so publish skips its own `dvc status` check.
+        report = publish_pipeline(load_params("params.yaml"), check_status=False)
+        if push_outputs:
+            push()
+    report["pipeline_run_id"] = run_id
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=retrain.__doc__)
+    parser.add_argument(
+        "--set",
+        dest="set_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run a variant with dvc exp run -S KEY=VALUE (repeatable)",
+    )
+    parser.add_argument("--push", action="store_true", help="dvc push the outputs to the default remote")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
+    if state.is_failed():
+        print(f"error: {state.message or 'retrain failed'}", file=sys.stderr)
+        return 1
+    report = state.result()
+    decision = report["promotion"]
+    print(
+        json.dumps(
+            {"versions": report["versions"], "promotion": decision["outcome"], "reason": decision["reason"]}
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
