@@ -1,7 +1,9 @@
 """Codebook ablation (paper Table 3) on the embedded default: same data, steps, seed and remedies.
 
 Variants: the default (ViT, 32-d, l2), 32-d without l2, no factorization with l2, and the CNN vanilla
-VQGAN baseline. Prints one JSON object per variant with codebook_usage and psnr.
+VQGAN baseline. Prints one JSON object per variant with codebook_usage, psnr and rfid_domain: the FID
+of the test split's reconstructions against the originals in the features of the pipeline's domain
+classifier (trained here once, with the evaluate stage's settings, on the train split).
 
     python -m benchmarks.codebook_ablation [--params params.yaml] [--steps N]
 """
@@ -13,8 +15,11 @@ from pathlib import Path
 
 from vim_core.config import load_params
 from vim_core.data.prepare import prepare
-from vim_core.data.shards import read_manifest
+from vim_core.data.shards import load_split, read_manifest
 from vim_core.errors import VimError
+from vim_core.eval.classifier import save_classifier, train_classifier
+from vim_core.eval.fidelity import domain_metrics
+from vim_core.eval.report import decode_tokens, encode_images
 from vim_core.train.tokenizer_trainer import train_tokenizer
 
 VARIANTS = {
@@ -39,6 +44,8 @@ def main() -> None:
         except VimError:
             data_root = str(Path(tmp) / "prepared")
             prepare(params.data.model_copy(update={"out_dir": data_root}))
+        clf_path = _domain_classifier(params, data_root, Path(tmp) / "classifier.safetensors")
+        test_x, _ = load_split(data_root, "test")
         for name, change in VARIANTS.items():
             if args.only and name.split()[0] not in args.only:
                 continue
@@ -52,12 +59,21 @@ def main() -> None:
             tok.checkpoint_dir = str(Path(tmp) / "ckpt" / name.split()[0])
             run = train_tokenizer(tok, data_root, seed=params.seed)
             m = run.metrics
+            recon = decode_tokens(run.model.eval(), encode_images(run.model.eval(), test_x))
+            rfid = domain_metrics(
+                recon,
+                test_x,
+                clf_path,
+                kid_subset_size=params.evaluate.kid_subset_size,
+                seed=params.evaluate.seed,
+            )
             print(
                 json.dumps(
                     {
                         "variant": name,
                         "codebook_usage": m["codebook_usage"],
                         "psnr": m["psnr"],
+                        "rfid_domain": round(rfid["fid_domain"], 3),
                         "codebook_perplexity": m["codebook_perplexity"],
                         "steps": m["steps"],
                         "train_seconds": m["train_seconds"],
@@ -66,6 +82,17 @@ def main() -> None:
                 ),
                 flush=True,
             )
+
+
+def _domain_classifier(params, data_root: str, path: Path) -> str:
+    """The evaluate stage's domain classifier, trained on this data with its settings."""
+    (tx, ty), (vx, vy) = load_split(data_root, "train"), load_split(data_root, "test")
+    c = params.evaluate.classifier
+    model, _ = train_classifier(
+        tx, ty, vx, vy, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=params.evaluate.seed
+    )
+    save_classifier(model, str(path))
+    return str(path)
 
 
 if __name__ == "__main__":

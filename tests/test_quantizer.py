@@ -188,3 +188,26 @@ def test_psnr_and_errors():
     assert float(l1_error(x, y)) == pytest.approx(0.1, abs=1e-5)
     assert float(l2_error(x, y)) == pytest.approx(0.01, abs=1e-5)
     assert float(psnr(x, x)) == pytest.approx(100.0)
+
+
+def test_data_init_spreads_codes_over_a_batch_of_duplicates():
+    """A batch that is mostly one repeated vector (blank background patches) still seeds distinct codes."""
+    torch.manual_seed(0)
+    distinct = torch.randn(8, 4) * 3
+    z = torch.cat([torch.zeros(200, 4), distinct])
+    vq = FactorizedQuantizer(dim=4, codebook_size=9, code_dim=None, l2_normalize=False, init="data")
+    vq(z)
+    rows = {tuple(r) for r in vq.codebook.data.round(decimals=4).tolist()}
+    assert len(rows) == 9, "all 9 codes should be different inputs (8 distinct ones plus the background)"
+
+
+def test_restarts_go_where_the_codebook_serves_the_data_worst():
+    torch.manual_seed(0)
+    vq = _collapsed_quantizer(threshold=0.5)  # code 0 at the origin, the other 7 far away and dead
+    served = torch.randn(500, 4) * 0.01  # near code 0: already well served
+    far = torch.randn(7, 4) + 5.0  # no code near these
+    for _ in range(12):  # the hit EMA (decay 0.5) must first fall under the threshold
+        vq(torch.cat([served, far]))
+    restarted = vq.codebook.data[1:]
+    near_far = torch.cdist(restarted, far).min(dim=1).values < 1e-4
+    assert near_far.sum() >= 6, "restarted codes should land on the badly served inputs, not the blank ones"

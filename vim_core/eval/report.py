@@ -44,14 +44,16 @@ def eval_config_hash(params: Params) -> str:
 
 
 @torch.inference_mode()
-def _decode(tokenizer: VQTokenizer, tokens: torch.Tensor, batch: int = 256) -> np.ndarray:
+def decode_tokens(tokenizer: VQTokenizer, tokens: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Token grids (N, L) -> uint8 images (N, C, H, W), in batches."""
     return np.concatenate(
         [to_uint8(tokenizer.decode(tokens[i : i + batch])).numpy() for i in range(0, len(tokens), batch)]
     )
 
 
 @torch.inference_mode()
-def _encode(tokenizer: VQTokenizer, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+def encode_images(tokenizer: VQTokenizer, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> token grids (N, L), in batches."""
     return torch.cat(
         [tokenizer.encode(to_model_range(images[i : i + batch])) for i in range(0, len(images), batch)]
     )
@@ -146,7 +148,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         seed=e.seed,
         batch_size=s.batch_size,
     )
-    images = _decode(tokenizer, tokens)
+    images = decode_tokens(tokenizer, tokens)
     timings["sampling"] = round(time.monotonic() - t, 1)
     probs = predict_proba(clf, images)
     plain, plain_labels = images[:n], (labels[:n] if conditional else None)
@@ -197,8 +199,8 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
 
     # Reconstruction.
     t = time.monotonic()
-    test_tokens = _encode(tokenizer, test_x)
-    recon = _decode(tokenizer, test_tokens)
+    test_tokens = encode_images(tokenizer, test_x)
+    recon = decode_tokens(tokenizer, test_tokens)
     out["rfid_domain"] = dm(recon, test_x)["fid_domain"]
     x01 = torch.from_numpy(test_x).float() / 255
     r01 = torch.from_numpy(recon).float() / 255
@@ -245,7 +247,7 @@ def _unigram_images(params: Params, tokenizer: VQTokenizer, n: int, seed: int) -
     draws = torch.multinomial(
         torch.from_numpy(counts / counts.sum()), n * tokens.shape[1], replacement=True, generator=gen
     )
-    return _decode(tokenizer, draws.view(n, -1))
+    return decode_tokens(tokenizer, draws.view(n, -1))
 
 
 def _probe(
@@ -263,7 +265,7 @@ def _probe(
     limit = params.evaluate.max_probe_train or len(train_x)
     idx = np.random.default_rng(params.evaluate.seed).permutation(len(train_x))[:limit]
     tr_x, tr_y = train_x[idx], train_y[idx]
-    tr_tokens = _encode(tokenizer, tr_x)
+    tr_tokens = encode_images(tokenizer, tr_x)
     block = p.block if p.block is not None else vim.cfg.layers // 2
 
     def probe(train_feats, test_feats) -> float:

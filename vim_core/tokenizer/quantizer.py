@@ -13,10 +13,40 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """n rows of x drawn with replacement (a batch may hold fewer rows than codes to fill)."""
-    picks = torch.randint(0, x.shape[0], (n,), device=x.device)
-    return x[picks]
+def _min_sq_dist(x: torch.Tensor, centers: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Squared distance from each row of x to its nearest center, chunked over rows."""
+    c_sq = (centers * centers).sum(-1)
+    out = []
+    for rows in x.split(chunk):
+        d = (rows * rows).sum(-1, keepdim=True) + c_sq - 2 * rows @ centers.t()
+        out.append(d.min(dim=-1).values.clamp(min=0))
+    return torch.cat(out)
+
+
+def _spread_rows(x: torch.Tensor, n: int, centers: torch.Tensor | None = None) -> torch.Tensor:
+    """n rows of x drawn k-means++ style: each with probability proportional to its squared distance
+    from `centers` and the rows already drawn.
+
+    Uniform draws mostly pick the commonest input (on MNIST most patches are the same blank background),
+    which makes codes that duplicate a live one and die again; distance-weighted draws go where the
+    codebook serves the data worst. Falls back to uniform draws once every row is matched exactly.
+    """
+    x = x.float()
+    picks: list[torch.Tensor] = []
+    if centers is None or len(centers) == 0:
+        picks.append(torch.randint(0, x.shape[0], (1,), device=x.device))
+        d2 = ((x - x[picks[0]]) ** 2).sum(-1)
+    else:
+        d2 = _min_sq_dist(x, centers.float())
+    while len(picks) < n:
+        total = d2.sum()
+        if total > 0 and torch.isfinite(total):
+            idx = torch.multinomial(d2, 1)
+        else:
+            idx = torch.randint(0, x.shape[0], (1,), device=x.device)
+        picks.append(idx)
+        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(-1))
+    return x[torch.cat(picks)]
 
 
 def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -32,12 +62,14 @@ class FactorizedQuantizer(nn.Module):
 
     code_dim=None with l2_normalize=False is the plain VQ-VAE/VQGAN quantizer (the CNN baseline).
     Two remedies for early codebook collapse, both off by default (the paper needs neither at 500k steps):
-    `init="data"` fills the codebook with encoder outputs of the first training batch, and
+    `init="data"` seeds the codebook from encoder outputs of the first training batch, and
     `dead_code_threshold > 0` restarts codes whose EMA hit count per batch falls below it from the current
-    batch's encoder outputs. At CPU scale (tiny ViT, MNIST 32 px, K=512, 400 steps) the paper's setting used
-    6% of the codes per 256 test images; data init plus restarts (threshold 1, decay 0.95) used 85% and gained
-    3.6 dB PSNR. Under torch.distributed both keep the codebook identical on every rank:
-    hit counts are all-reduced and replacement vectors are broadcast from rank 0.
+    batch's encoder outputs. Both draw rows k-means++ style (_spread_rows), so new codes go where the
+    codebook serves the data worst, not onto the commonest input. At CPU scale (tiny ViT, MNIST 32 px,
+    K=512, 600 steps) the paper's setting used 15% of the codes per 256 test images; with both remedies
+    usage was 0.99 (uniform draws: 0.98) and PSNR 24.4 dB instead of 19.5. Under torch.distributed both
+    keep the codebook identical on every rank: hit counts are all-reduced and new codes are broadcast
+    from rank 0.
     """
 
     def __init__(
@@ -94,11 +126,15 @@ class FactorizedQuantizer(nn.Module):
 
     @torch.no_grad()
     def _set_codes(self, mask: torch.Tensor | None, source: torch.Tensor) -> int:
-        """Overwrite codes (all, or those in mask) with rows of source, identically on every rank."""
+        """Overwrite codes (all, or those in mask) with spread-out rows of source, identically on every rank.
+
+        The rows are drawn k-means++ style, away from the codes that stay (see _spread_rows).
+        """
         n = self.codebook_size if mask is None else int(mask.sum())
         if n == 0:
             return 0
-        new = _sample_rows(source.detach().float(), n).to(self.codebook.dtype)
+        keep = None if mask is None else self.codes()[~mask].detach()
+        new = _spread_rows(source.detach(), n, keep).to(self.codebook.dtype)
         if _distributed():
             dist.broadcast(new, src=0)
         if mask is None:
