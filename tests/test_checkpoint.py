@@ -349,3 +349,21 @@ def test_tracker_images_artifacts_and_fanout(tmp_path):
         assert png.shape == (8, 10, 3) and png[0, 0, 0] == 255 and png[0, 9, 0] == 0
         assert (root / "artifacts" / "w.bin").read_bytes() == b"abc"
         assert (root / "plots" / "train.csv").read_text() == "step,acc\n0,0.5\n"
+
+
+def test_code_digest_changes_with_the_sources(tmp_path, monkeypatch):
+    """A checkpoint written by other model code must not be resumed: the fingerprint hashes the sources."""
+    from vim_core.train import checkpoint
+
+    pkg = tmp_path / "pkg"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "model" / "net.py").write_text("WIDTH = 8\n")
+    (pkg / "layers.py").write_text("pass\n")
+    monkeypatch.setattr(checkpoint, "PACKAGE_ROOT", pkg)
+    before = checkpoint.code_digest("model", "layers.py")
+    assert before == checkpoint.code_digest("model", "layers.py")
+    (pkg / "model" / "__pycache__").mkdir()
+    (pkg / "model" / "__pycache__" / "net.cpython-311.pyc").write_bytes(b"\0")
+    assert checkpoint.code_digest("model", "layers.py") == before, "bytecode caches are not sources"
+    (pkg / "model" / "net.py").write_text("WIDTH = 16\n")
+    assert checkpoint.code_digest("model", "layers.py") != before

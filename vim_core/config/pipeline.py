@@ -54,7 +54,6 @@ class ProbeConfig(StrictModel):
     block: int | None = Field(default=None, ge=0, description="0-based; None: the middle block")
     epochs: int = Field(default=100, ge=1)
     weight_decay: float = Field(default=1e-3, ge=0.0)
-    max_train: int | None = Field(default=None, ge=1, description="None: the whole train split")
 
 
 class TransformerSection(StrictModel):

@@ -9,6 +9,7 @@ Layout of one checkpoint (the directory appears under its final name only once c
 `step` counts completed optimizer steps: a run resumed from step-00000123 next runs step 123 (0-based).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,25 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict, /) -> Any: ...
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_digest(*parts: str) -> str:
+    """sha256 of the vim_core sources (files or packages, relative to vim_core/) that give a run meaning.
+
+    Part of a run's fingerprint: a checkpoint written by other model or trainer code is not resumed, so
+    `dvc repro` after a code change retrains instead of exporting the old weights.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        path = PACKAGE_ROOT / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(PACKAGE_ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def step_dir_name(step: int) -> str:

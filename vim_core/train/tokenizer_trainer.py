@@ -20,7 +20,7 @@ from vim_core.tokenizer.losses import build_perceptual_loss, reconstruction_loss
 from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, save_tokenizer, to_model_range, to_uint8
 from vim_core.train import distributed as vdist
-from vim_core.train.checkpoint import maybe_resume, save_checkpoint
+from vim_core.train.checkpoint import code_digest, maybe_resume, save_checkpoint
 from vim_core.train.loop import (
     EMA,
     autocast_context,
@@ -46,8 +46,9 @@ class TokenizerRun:
 
 
 def fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -> str:
-    """Checkpoints resume only into a run with the same config, data and seed."""
+    """Checkpoints resume only into a run with the same config, data, seed and model/trainer code."""
     spec = {
+        "code": code_digest("tokenizer", "layers.py", "train", "data/shards.py"),
         "tokenizer": cfg.model_dump(mode="json", exclude={"out_dir", "checkpoint_dir", "eval"}),
         "data": data_version,
         "seed": seed,

@@ -15,7 +15,7 @@ from vim_core.config.transformer import TransformerModelConfig
 from vim_core.data.shards import iter_batches, iter_shards, read_manifest
 from vim_core.errors import VimError
 from vim_core.train import distributed as vdist
-from vim_core.train.checkpoint import maybe_resume, save_checkpoint
+from vim_core.train.checkpoint import code_digest, maybe_resume, save_checkpoint
 from vim_core.train.loop import (
     EMA,
     autocast_context,
@@ -59,7 +59,9 @@ def build_vim(cfg: TransformerSection, tokens_manifest: dict) -> VIM:
 
 
 def fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed: int) -> str:
+    """Checkpoints resume only into a run with the same config, tokens, seed and model/trainer code."""
     spec = {
+        "code": code_digest("transformer", "layers.py", "train", "data/shards.py"),
         "model": model_config_for(cfg, tokens_manifest).model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json", exclude={"resume"}),
         "tokens": [s["sha256"] for sp in tokens_manifest["splits"].values() for s in sp["shards"]],
