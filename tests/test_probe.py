@@ -6,7 +6,7 @@ import torch
 
 from vim_core.config.transformer import TransformerModelConfig
 from vim_core.errors import VimError
-from vim_core.eval.probe import extract_features, train_linear_probe
+from vim_core.eval.probe import extract_features, select_and_probe, train_linear_probe
 from vim_core.transformer import VIM
 
 MNIST = Path(__file__).resolve().parents[1] / "vim_core" / "data" / "embedded" / "mnist.npz"
@@ -83,3 +83,22 @@ def test_probe_rejects_mismatched_inputs():
         train_linear_probe(np.zeros((4, 3)), np.zeros(3), np.zeros((2, 3)), np.zeros(2), 2)
     with pytest.raises(VimError, match="features"):
         train_linear_probe(np.zeros((4, 3)), np.zeros(4), np.zeros((2, 5)), np.zeros(2), 2)
+
+
+def test_weight_decay_is_picked_on_held_out_train_rows(mnist):
+    """Pixel features of 300 digits overfit without decay; a huge decay underfits. The held-out pick
+    must avoid the collapse and never look at the test split."""
+    x, y = mnist
+    grid = [1e-6, 1e-2, 1e3]
+    res = select_and_probe(x[:300], y[:300], x[300:], y[300:], 10, grid, val_fraction=0.25, epochs=50)
+    val = res["val_accuracy_by_weight_decay"]
+    assert set(val) == {repr(wd) for wd in grid}
+    assert val[repr(1e3)] < 0.5, "a decay of 1000 should flatten the classifier"
+    assert res["weight_decay"] == max(grid, key=lambda wd: (val[repr(wd)], wd))
+    assert res["weight_decay"] != 1e3 and res["accuracy"] > 0.6
+    # The test labels play no part in the choice: scrambling them leaves it unchanged.
+    scrambled = select_and_probe(
+        x[:300], y[:300], x[300:], np.roll(y[300:], 1), 10, grid, val_fraction=0.25, epochs=50
+    )
+    assert scrambled["weight_decay"] == res["weight_decay"]
+    assert scrambled["val_accuracy_by_weight_decay"] == val

@@ -52,8 +52,19 @@ class ProbeConfig(StrictModel):
     """Linear probe on average-pooled features of one block (paper: VIM-B block 10 of 24, VIM-L 15 of 36)."""
 
     block: int | None = Field(default=None, ge=0, description="0-based; None: the middle block")
-    epochs: int = Field(default=100, ge=1)
-    weight_decay: float = Field(default=1e-3, ge=0.0)
+    epochs: int = Field(default=100, ge=1, description="L-BFGS iterations")
+    weight_decays: list[float] = Field(
+        default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2],
+        min_length=1,
+        description="grid; each feature set takes the value best on a held-out part of the train split",
+    )
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="train rows held out to pick it")
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> "ProbeConfig":
+        if any(wd < 0 for wd in self.weight_decays):
+            raise ValueError(f"weight_decays {self.weight_decays} must all be >= 0")
+        return self
 
 
 class TransformerSection(StrictModel):

@@ -117,3 +117,45 @@ def train_linear_probe(
             "num_classes": num_classes,
             "chance": float(1.0 / num_classes),
         }
+
+
+def select_and_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes: int,
+    weight_decays: list[float],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    **kwargs,
+) -> dict:
+    """Pick the weight decay on a held-out part of the train split, refit on all of it, score on test.
+
+    Each feature set (VIM blocks, pixels, a random-init VIM) gets its own best regularisation from the
+    same grid, so no baseline is handicapped by a value tuned for another. The test split is never seen
+    before the final score.
+    """
+    train_y = np.asarray(train_y).reshape(-1)
+    n = len(train_y)
+    n_val = int(round(n * val_fraction))
+    if len(weight_decays) > 1 and not 0 < n_val < n:
+        raise VimError(f"probe: val_fraction {val_fraction} leaves no validation or fit rows of {n}")
+    scores: dict[float, float] = {}
+    if len(weight_decays) > 1:
+        order = np.random.default_rng(seed).permutation(n)
+        val, fit = order[:n_val], order[n_val:]
+        tx = train_x[fit] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(fit)]
+        vx = train_x[val] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(val)]
+        for wd in weight_decays:
+            res = train_linear_probe(
+                tx, train_y[fit], vx, train_y[val], num_classes, weight_decay=wd, seed=seed, **kwargs
+            )
+            scores[wd] = res["accuracy"]
+    best = max(scores, key=lambda wd: (scores[wd], wd)) if scores else weight_decays[0]
+    out = train_linear_probe(
+        train_x, train_y, test_x, test_y, num_classes, weight_decay=best, seed=seed, **kwargs
+    )
+    out["weight_decay"] = best
+    out["val_accuracy_by_weight_decay"] = {repr(wd): round(acc, 4) for wd, acc in scores.items()}
+    return out

@@ -20,7 +20,7 @@ from vim_core.eval.classifier import (
     train_classifier,
 )
 from vim_core.eval.grids import image_grid
-from vim_core.eval.probe import extract_features, train_linear_probe
+from vim_core.eval.probe import extract_features, select_and_probe
 from vim_core.eval.ssim import ssim
 from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range, to_uint8
@@ -268,38 +268,49 @@ def _probe(
     tr_tokens = encode_images(tokenizer, tr_x)
     block = p.block if p.block is not None else vim.cfg.layers // 2
 
-    def probe(train_feats, test_feats) -> float:
-        return round(
-            train_linear_probe(
-                train_feats,
-                tr_y,
-                test_feats,
-                test_y,
-                num_classes,
-                epochs=p.epochs,
-                weight_decay=p.weight_decay,
-                seed=params.evaluate.seed,
-            )["accuracy"],
-            4,
+    chosen: dict[str, float] = {}
+
+    def probe(name: str, train_feats, test_feats) -> float:
+        res = select_and_probe(
+            train_feats,
+            tr_y,
+            test_feats,
+            test_y,
+            num_classes,
+            p.weight_decays,
+            val_fraction=p.val_fraction,
+            seed=params.evaluate.seed,
+            epochs=p.epochs,
         )
+        chosen[name] = res["weight_decay"]
+        return round(res["accuracy"], 4)
 
     torch.manual_seed(params.evaluate.seed)
     random_vim = VIM.from_spec(vim.spec()).eval()
-    return {
+    out = {
         "probe_accuracy": probe(
-            extract_features(vim, tr_tokens, block=block), extract_features(vim, test_tokens, block=block)
+            "vim",
+            extract_features(vim, tr_tokens, block=block),
+            extract_features(vim, test_tokens, block=block),
         ),
         "probe_accuracy_pixels": probe(
-            tr_x.reshape(len(tr_x), -1).astype(np.float32), test_x.reshape(len(test_x), -1).astype(np.float32)
+            "pixels",
+            tr_x.reshape(len(tr_x), -1).astype(np.float32),
+            test_x.reshape(len(test_x), -1).astype(np.float32),
         ),
         "probe_accuracy_random_init": probe(
+            "random_init",
             extract_features(random_vim, tr_tokens, block=block),
             extract_features(random_vim, test_tokens, block=block),
         ),
-        "probe_definition": f"softmax linear classifier on average-pooled features of block {block} "
-        f"(0-based, of {vim.cfg.layers}); {len(tr_x)} train images, the whole test split; "
-        "same split for the pixel and random-init baselines",
     }
+    out["probe_definition"] = (
+        f"softmax linear classifier (L-BFGS, {p.epochs} iterations, standardised features) on average-pooled "
+        f"features of block {block} (0-based, of {vim.cfg.layers}); {len(tr_x)} train images, the whole test "
+        f"split; weight decay picked per feature set from {p.weight_decays} on {p.val_fraction:.0%} of the "
+        f"train images (chosen: {chosen}); same split for the pixel and random-init baselines"
+    )
+    return out
 
 
 def _grids(plots: Path, images, labels, scores, test_x, recon, num_classes: int, conditional: bool) -> None:
