@@ -1,6 +1,7 @@
 """Printed at the end of `make demo`: where the results are and how to look at them."""
 
 import json
+import os
 from pathlib import Path
 
 
@@ -19,6 +20,16 @@ def main() -> None:
         print(f"  {path}: {shown}")
     print("  plots:    plots/   (dvc plots show)")
     print("  compare:  dvc metrics show / dvc metrics diff")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        print(f"  MLflow:   runs are on {uri}; open that server's UI")
+    else:
+        print(
+            "  MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  ->  http://127.0.0.1:5000"
+        )
+    print("  Prefect:  .venv/bin/prefect server start  ->  http://127.0.0.1:4200")
+    print("            (then export PREFECT_API_URL=http://127.0.0.1:4200/api before dvc repro)")
+    print("  publish:  .venv/bin/python -m flows.publish   (register challengers, promote the better one)")
 
 
 if __name__ == "__main__":
