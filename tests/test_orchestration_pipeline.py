@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests import servers
-from tests.conftest import copy_repo, git_commit
+from tests.conftest import GIT_IDENTITY, copy_repo, git_commit
 
 pytestmark = pytest.mark.slow
 
@@ -479,3 +479,44 @@ def test_prefect_and_mlflow_uis_answer(orch):
             assert r.status == 200, url
             body = r.read()
             assert body == b"true" if url.endswith("/health") else b"<html" in body.lower()
+
+
+def test_second_repro_is_a_noop_and_a_transformer_param_reruns_only_its_stages(orch, first):
+    """Last in the module: it edits params.yaml. `dvc metrics diff` must then show the change."""
+
+    def dvc(*args: str) -> str:
+        out = subprocess.run(
+            ["dvc", *args],
+            cwd=orch.repo,
+            env={**orch.env, "VIM_TRACKING": "off"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        return out.stdout
+
+    # dvc metrics diff compares with HEAD: commit the current outputs (there may be nothing new).
+    subprocess.run(["git", "add", "-A"], cwd=orch.repo, check=True)
+    git_env = {**os.environ, **GIT_IDENTITY}
+    subprocess.run(
+        ["git", "commit", "-qm", "outputs", "--allow-empty"], cwd=orch.repo, check=True, env=git_env
+    )
+    started = time.monotonic()
+    noop = dvc("repro")
+    elapsed = time.monotonic() - started
+    assert "Running stage" not in noop, noop
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f}s"
+
+    params = orch.repo / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    steps = raw["transformer"]["train"]["steps"]
+    raw["transformer"]["train"]["steps"] = steps + 10
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = dvc("repro")
+    ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran == ["pretrain_transformer", "evaluate"], out
+
+    diff = json.loads(dvc("metrics", "diff", "--json"))
+    change = diff["metrics/transformer.json"]["steps"]
+    assert (change["old"], change["new"]) == (steps, steps + 10)
