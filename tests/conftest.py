@@ -135,29 +135,4 @@ GIT_IDENTITY = {
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
     """A git checkout of the working tree in tmp, for tests that run dvc or the stage commands."""
-    dst = tmp_path / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if rel.split("/")[0] in ("data", "models", ".venv"):  # pipeline outputs are regenerated
-            continue
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dst, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
-    subprocess.run(["git", "commit", "-qm", "copy"], cwd=dst, check=True, env=env)
-    return dst
+    return copy_repo(tmp_path / "repo")
