@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from flows.retrain import REPO, retrain
+from flows.retrain import REPO, add_run_options, retrain
 
 DEPLOYMENT = "scheduled"
 POOL = "vim-process"  # the process work pool the docker stack's worker polls
@@ -116,15 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", help=f"cron schedule (default: VIM_RETRAIN_CRON, params, {DEFAULT_CRON!r})")
     parser.add_argument("--timezone", help=f"the schedule's time zone (default: {DEFAULT_TIMEZONE})")
     parser.add_argument("--pool", help=f"register on this work pool (e.g. {POOL}) instead of serving here")
-    parser.add_argument(
-        "--set",
-        dest="set_params",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="params override for every run (dvc exp run -S KEY=VALUE; repeatable)",
-    )
-    parser.add_argument("--push", action="store_true", help="dvc push after each run")
+    add_run_options(parser)  # --set / --push, applied to every run
     args = parser.parse_args(argv)
     from vim_core.errors import VimError
 

@@ -154,8 +154,8 @@ def _retrain(set_params: list[str], push_outputs: bool) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=retrain.__doc__)
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--set and --push: what a retrain run varies; shared by this CLI and flows.deploy."""
     parser.add_argument(
         "--set",
         dest="set_params",
@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run a variant with dvc exp run -S KEY=VALUE (repeatable)",
     )
     parser.add_argument("--push", action="store_true", help="dvc push the outputs to the default remote")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=retrain.__doc__)
+    add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
