@@ -9,6 +9,9 @@ import pytest
 
 from tests import servers
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session-scoped real server)
+from vim_core.config import Params
+from vim_core.data.prepare import prepare
+from vim_core.data.shards import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +97,15 @@ def prefect_server(tmp_path_factory) -> str:
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     with np.load(REPO / "vim_core" / "data" / "embedded" / "mnist.npz") as npz:
         return npz["images"], npz["labels"]
+
+
+@pytest.fixture(scope="session")
+def mnist_splits(tmp_path_factory):
+    """The embedded default prepared once per session: ((train_x, train_y), (test_x, test_y)), uint8 NCHW."""
+    p = Params()
+    p.data.out_dir = str(tmp_path_factory.mktemp("data") / "mnist")
+    prepare(p.data)
+    return load_split(p.data.out_dir, "train"), load_split(p.data.out_dir, "test")
 
 
 def copy_repo(dst: Path) -> Path:

@@ -5,9 +5,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from vim_core.config import Params
-from vim_core.data.prepare import prepare
-from vim_core.data.shards import load_split
 from vim_core.errors import VimError
 from vim_core.eval.classifier import (
     DomainClassifier,
@@ -20,22 +17,14 @@ from vim_core.eval.classifier import (
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    p = Params()
-    p.data.out_dir = str(tmp_path_factory.mktemp("data") / "mnist")
-    prepare(p.data)
-    return load_split(p.data.out_dir, "train"), load_split(p.data.out_dir, "test")
-
-
-@pytest.fixture(scope="module")
-def trained(mnist):
-    (x, y), (xt, yt) = mnist
+def trained(mnist_splits):
+    (x, y), (xt, yt) = mnist_splits
     return train_classifier(x, y, xt, yt, seed=0)
 
 
-def test_reaches_098_on_embedded_test_split(trained, mnist):
+def test_reaches_098_on_embedded_test_split(trained, mnist_splits):
     model, report = trained
-    (_, _), (xt, yt) = mnist
+    (_, _), (xt, yt) = mnist_splits
     print(f"domain classifier: {report}")
     assert report["test_accuracy"] >= 0.98
     assert report["train_images"] == 9021 and report["test_images"] == 979
@@ -44,9 +33,9 @@ def test_reaches_098_on_embedded_test_split(trained, mnist):
     assert class_accuracy(model, xt, (yt + 1) % 10) < 0.05
 
 
-def test_predict_proba_is_a_distribution(trained, mnist):
+def test_predict_proba_is_a_distribution(trained, mnist_splits):
     model, _ = trained
-    (_, _), (xt, _) = mnist
+    (_, _), (xt, _) = mnist_splits
     p = predict_proba(model, xt[:300], batch_size=64)
     assert p.shape == (300, 10) and p.dtype == torch.float32
     assert torch.allclose(p.sum(1), torch.ones(300), atol=1e-5)
@@ -58,9 +47,9 @@ def test_predict_proba_is_a_distribution(trained, mnist):
         predict_proba(model, xt[:4].astype(np.float32))
 
 
-def test_save_load_round_trip(trained, mnist, tmp_path):
+def test_save_load_round_trip(trained, mnist_splits, tmp_path):
     model, report = trained
-    (_, _), (xt, _) = mnist
+    (_, _), (xt, _) = mnist_splits
     path = str(tmp_path / "classifier.safetensors")
     save_classifier(
         model, path, {"test_accuracy": report["test_accuracy"], "class_names": list("0123456789")}

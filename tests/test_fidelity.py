@@ -8,9 +8,6 @@ import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
-from vim_core.config import Params
-from vim_core.data.prepare import prepare
-from vim_core.data.shards import load_split
 from vim_core.errors import VimError
 from vim_core.eval.classifier import save_classifier, train_classifier
 from vim_core.eval.fidelity import INCEPTION_FILE, domain_metrics, inception_metrics
@@ -21,17 +18,9 @@ N = 300
 
 
 @pytest.fixture(scope="module")
-def mnist(tmp_path_factory):
-    p = Params()
-    p.data.out_dir = str(tmp_path_factory.mktemp("data") / "mnist")
-    prepare(p.data)
-    return load_split(p.data.out_dir, "train"), load_split(p.data.out_dir, "test")
-
-
-@pytest.fixture(scope="module")
-def classifier_path(mnist, tmp_path_factory):
+def classifier_path(mnist_splits, tmp_path_factory):
     """A quickly trained classifier (2 epochs on 3000 images): good enough to tell digits from noise."""
-    (x, y), (xt, yt) = mnist
+    (x, y), (xt, yt) = mnist_splits
     model, report = train_classifier(x[:3000], y[:3000], xt, yt, epochs=2, seed=0)
     assert report["test_accuracy"] > 0.9
     path = str(tmp_path_factory.mktemp("clf") / "classifier.safetensors")
@@ -39,8 +28,8 @@ def classifier_path(mnist, tmp_path_factory):
     return path
 
 
-def test_domain_fid_tells_real_from_noise(mnist, classifier_path):
-    (x, _), (xt, _) = mnist
+def test_domain_fid_tells_real_from_noise(mnist_splits, classifier_path):
+    (x, _), (xt, _) = mnist_splits
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, size=(N, 1, 32, 32), dtype=np.uint8)
     blank = np.zeros((N, 1, 32, 32), np.uint8)
@@ -62,8 +51,8 @@ def test_domain_fid_tells_real_from_noise(mnist, classifier_path):
         assert all(math.isfinite(r[k]) for k in r if k != "definition")
 
 
-def test_domain_metrics_record_their_definition(mnist, classifier_path):
-    (x, _), (xt, _) = mnist
+def test_domain_metrics_record_their_definition(mnist_splits, classifier_path):
+    (x, _), (xt, _) = mnist_splits
     a, b = torch.from_numpy(x[:120]), torch.from_numpy(xt[:150])
     r = domain_metrics(a, b, classifier_path, kid_subset_size=1000, seed=3)
     d = r["definition"]
@@ -85,8 +74,8 @@ def test_domain_metrics_record_their_definition(mnist, classifier_path):
     assert again["kid_domain"] == r["kid_domain"] and again["isc_domain"] == r["isc_domain"]
 
 
-def test_domain_metrics_reject_wrong_inputs(mnist, classifier_path, tmp_path):
-    (x, _), _ = mnist
+def test_domain_metrics_reject_wrong_inputs(mnist_splits, classifier_path, tmp_path):
+    (x, _), _ = mnist_splits
     with pytest.raises(VimError, match="uint8"):
         domain_metrics(x[:10].astype(np.float32), x[:10], classifier_path)
     with pytest.raises(VimError, match="channels"):
@@ -95,9 +84,9 @@ def test_domain_metrics_reject_wrong_inputs(mnist, classifier_path, tmp_path):
         domain_metrics(x[:10], x[:10], str(tmp_path / "none.safetensors"))
 
 
-def test_reconstruction_fid_grows_with_damage(mnist, classifier_path):
+def test_reconstruction_fid_grows_with_damage(mnist_splits, classifier_path):
     """rFID = domain FID of (reconstructions, originals): worse reconstructions must score worse."""
-    (_, _), (xt, _) = mnist
+    (_, _), (xt, _) = mnist_splits
     orig = xt[:N]
     rng = np.random.default_rng(1)
 
@@ -137,8 +126,8 @@ def _random_inception_file(folder: Path, monkeypatch) -> Path:
     return path
 
 
-def test_inception_path_runs_on_a_checked_file(mnist, tmp_path, monkeypatch):
-    (x, _), (xt, _) = mnist
+def test_inception_path_runs_on_a_checked_file(mnist_splits, tmp_path, monkeypatch):
+    (x, _), (xt, _) = mnist_splits
     path = _random_inception_file(tmp_path, monkeypatch)
     prefix = sha256_file(path)[:8]
     settings = dict(
@@ -156,8 +145,8 @@ def test_inception_path_runs_on_a_checked_file(mnist, tmp_path, monkeypatch):
     assert (d["images_a"], d["images_b"], d["kid_subset_size"], d["input_channels"]) == (8, 8, 6, 1)
 
 
-def test_inception_missing_file_is_skipped_with_a_reason(mnist, tmp_path):
-    (x, _), _ = mnist
+def test_inception_missing_file_is_skipped_with_a_reason(mnist_splits, tmp_path):
+    (x, _), _ = mnist_splits
     for weights_dir in (str(tmp_path), None):
         r = inception_metrics(x[:4], x[:4], weights_dir)
         assert r["fid_inception"] is None and r["isc_inception"] is None and r["kid_inception"] is None
@@ -175,8 +164,8 @@ class _TouchOnUnpickle:
         return (self.marker.touch, ())
 
 
-def test_inception_checksum_mismatch_is_refused_unopened(mnist, tmp_path):
-    (x, _), _ = mnist
+def test_inception_checksum_mismatch_is_refused_unopened(mnist_splits, tmp_path):
+    (x, _), _ = mnist_splits
     marker = tmp_path / "unpickled"
     torch.save(_TouchOnUnpickle(marker), tmp_path / INCEPTION_FILE)
     with pytest.raises(VimError) as err:
@@ -207,8 +196,8 @@ def _naive_ssim(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def test_ssim_matches_the_formula_and_known_values(mnist):
-    (_, _), (xt, _) = mnist
+def test_ssim_matches_the_formula_and_known_values(mnist_splits):
+    (_, _), (xt, _) = mnist_splits
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(2, 1, 14, 13), dtype=np.uint8)
     y = np.clip(x + rng.normal(0, 30, x.shape), 0, 255).astype(np.uint8)

@@ -68,8 +68,8 @@ class FactorizedQuantizer(nn.Module):
     codebook serves the data worst, not onto the commonest input. At CPU scale (tiny ViT, MNIST 32 px,
     K=512, 600 steps) the paper's setting used 15% of the codes per 256 test images; with both remedies
     usage was 0.99 (uniform draws: 0.98) and PSNR 24.4 dB instead of 19.5. Under torch.distributed both
-    keep the codebook identical on every rank: hit counts are all-reduced and new codes are broadcast
-    from rank 0.
+    keep the codebook identical on every rank: hit counts are all-reduced, and rank 0 draws new codes from
+    the gathered global batch and broadcasts them.
     """
 
     def __init__(
@@ -134,8 +134,17 @@ class FactorizedQuantizer(nn.Module):
         if n == 0:
             return 0
         keep = None if mask is None else self.codes()[~mask].detach()
-        new = _spread_rows(source.detach(), n, keep).to(self.codebook.dtype)
-        if _distributed():
+        source = source.detach()
+        if not _distributed():
+            new = _spread_rows(source, n, keep).to(self.codebook.dtype)
+        else:
+            # Rank 0 draws from the whole global batch (rank slices are contiguous, so this is the
+            # single-process batch) and the others take its draw: one draw, not one per rank.
+            parts = [torch.empty_like(source) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, source)
+            new = torch.empty(n, source.shape[-1], dtype=self.codebook.dtype, device=source.device)
+            if dist.get_rank() == 0:
+                new.copy_(_spread_rows(torch.cat(parts), n, keep))
             dist.broadcast(new, src=0)
         if mask is None:
             self.codebook.data.copy_(new)
@@ -157,9 +166,7 @@ class FactorizedQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_usage(self, counts: torch.Tensor) -> None:
-        counts = counts.clone()
-        if _distributed():
-            dist.all_reduce(counts)  # same EMA on every rank, so every rank restarts the same codes
+        """counts: the global batch's hits, so every rank keeps the same EMA and restarts the same codes."""
         if self.usage_ema[0] < 0:
             self.usage_ema.fill_(float(counts.sum()) / self.codebook_size)
         self.usage_ema.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
@@ -182,6 +189,8 @@ class FactorizedQuantizer(nn.Module):
         loss = F.mse_loss(q, x.detach()) + self.beta * F.mse_loss(x, q.detach())
         q_st = x + (q - x).detach()  # straight-through: the decoder's gradient passes to the encoder as is
         counts = torch.bincount(idx, minlength=self.codebook_size).float()
+        if self.training and _distributed():
+            dist.all_reduce(counts)  # logged usage/perplexity and the EMA describe the global batch
         stats = {"usage": (counts > 0).float().mean(), "perplexity": perplexity_from_counts(counts)}
         if track:
             self._update_usage(counts)

@@ -215,7 +215,7 @@ def train_tokenizer(
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps - 1:
             # Losses are averaged over ranks (a collective, so every rank joins): the loss of the global
-            # batch. The batch stats (usage, perplexity) are rank 0's own slice.
+            # batch. The quantizer's batch stats (usage, perplexity) already count the global batch.
             losses = vdist.all_reduce_mean_dict(terms)
             if info.is_main:
                 metrics = {f"loss/{k}": v for k, v in losses.items()}
