@@ -5,7 +5,10 @@ VQGAN baseline. Prints one JSON object per variant with codebook_usage, psnr and
 of the test split's reconstructions against the originals in the features of the pipeline's domain
 classifier (trained here once, with the evaluate stage's settings, on the train split).
 
-    python -m benchmarks.codebook_ablation [--params params.yaml] [--steps N]
+`--recipe paper` turns off the CPU remedies of params.yaml (data init, dead-code restarts, the codebook's
+larger learning rate) for every variant, so the variants compare as the paper trains them.
+
+    python -m benchmarks.codebook_ablation [--params params.yaml] [--steps N] [--recipe pipeline|paper]
 """
 
 import argparse
@@ -28,6 +31,8 @@ VARIANTS = {
     "vit_no_factorization_l2": {"code_dim": None},
     "cnn_vanilla": {"arch": "cnn", "code_dim": None, "l2_normalize": False},
 }
+# The paper's codebook training: normal init, no restarts, one learning rate for all weights.
+PAPER_RECIPE = {"codebook_init": "normal", "dead_code_threshold": 0.0, "codebook_lr_multiplier": 1.0}
 
 
 def main() -> None:
@@ -35,6 +40,9 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=None, help="override tokenizer.train.steps")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    parser.add_argument(
+        "--recipe", choices=("pipeline", "paper"), default="pipeline", help="paper: remedies off"
+    )
     args = parser.parse_args()
     params = load_params(args.params)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +58,8 @@ def main() -> None:
             if args.only and name.split()[0] not in args.only:
                 continue
             tok = params.tokenizer.model_copy(deep=True)
-            for key, value in change.items():
+            recipe = PAPER_RECIPE if args.recipe == "paper" else {}
+            for key, value in {**recipe, **change}.items():
                 setattr(tok.model, key, value)
             if args.steps:
                 tok.train.steps = args.steps
@@ -71,6 +80,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "variant": name,
+                        "recipe": args.recipe,
                         "codebook_usage": m["codebook_usage"],
                         "psnr": m["psnr"],
                         "rfid_domain": round(rfid["fid_domain"], 3),
