@@ -16,6 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from vim_core.config import load_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split, read_manifest
@@ -45,6 +47,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     params = load_params(args.params)
+    if args.steps is not None:
+        try:  # checked before any training: the warmup must fit in the steps
+            params.tokenizer.train.steps = args.steps
+        except ValidationError as err:
+            parser.error(f"--steps {args.steps}: {err.errors()[0]['msg']}")
     with tempfile.TemporaryDirectory() as tmp:
         data_root = params.data.out_dir
         try:
@@ -61,8 +68,6 @@ def main() -> None:
             recipe = PAPER_RECIPE if args.recipe == "paper" else {}
             for key, value in {**recipe, **change}.items():
                 setattr(tok.model, key, value)
-            if args.steps:
-                tok.train.steps = args.steps
             tok.train.resume = "never"
             tok.out_dir = str(Path(tmp) / name.split()[0])
             tok.checkpoint_dir = str(Path(tmp) / "ckpt" / name.split()[0])
