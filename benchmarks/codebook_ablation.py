@@ -9,6 +9,7 @@ classifier (trained here once, with the evaluate stage's settings, on the train 
 larger learning rate) for every variant, so the variants compare as the paper trains them.
 
     python -m benchmarks.codebook_ablation [--params params.yaml] [--steps N] [--recipe pipeline|paper]
+        [--only VARIANT ...] [--set tokenizer.loss.adversarial_start_step=200 ...]
 """
 
 import argparse
@@ -16,12 +17,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from vim_core.config import load_params
+from vim_core.config import apply_overrides, load_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split, read_manifest
-from vim_core.errors import VimError
+from vim_core.errors import ConfigError, VimError
 from vim_core.eval.classifier import save_classifier, train_classifier
 from vim_core.eval.fidelity import domain_metrics
 from vim_core.eval.report import decode_tokens, encode_images
@@ -43,15 +42,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override tokenizer.train.steps")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override for every variant, as dvc exp run -S (repeatable)",
+    )
+    parser.add_argument(
         "--recipe", choices=("pipeline", "paper"), default="pipeline", help="paper: remedies off"
     )
     args = parser.parse_args()
-    params = load_params(args.params)
-    if args.steps is not None:
-        try:  # checked before any training: the warmup must fit in the steps
-            params.tokenizer.train.steps = args.steps
-        except ValidationError as err:
-            parser.error(f"--steps {args.steps}: {err.errors()[0]['msg']}")
+    sets = args.set + ([f"tokenizer.train.steps={args.steps}"] if args.steps is not None else [])
+    try:  # checked before any training, e.g. that the warmup fits in the steps
+        params = apply_overrides(load_params(args.params), sets)
+    except ConfigError as err:
+        parser.error(str(err))
     with tempfile.TemporaryDirectory() as tmp:
         data_root = params.data.out_dir
         try:

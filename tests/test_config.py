@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vim_core.config import ConfigError, load_params, parse_params
+from vim_core.config import ConfigError, apply_overrides, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +76,33 @@ def test_check_params_cli_bad_yaml_and_missing_file(tmp_path):
     assert res.returncode == 2 and "not valid YAML" in res.stderr and "Traceback" not in res.stderr
     res = _vim("check-params", str(tmp_path / "missing.yaml"))
     assert res.returncode == 2 and "file not found" in res.stderr
+
+
+def test_overrides_set_dotted_keys_and_revalidate():
+    params = load_params(REPO / "params.yaml")
+    out = apply_overrides(
+        params, ["tokenizer.train.steps=900", "tokenizer.model.l2_normalize=false", "evaluate.cfg_scale=null"]
+    )
+    assert (out.tokenizer.train.steps, out.tokenizer.model.l2_normalize, out.evaluate.cfg_scale) == (
+        900,
+        False,
+        None,
+    )
+    assert params.tokenizer.train.steps == 600  # the input is not changed
+    assert out.transformer == params.transformer
+
+
+@pytest.mark.parametrize(
+    "item, says",
+    [
+        ("tokenizer.train.steps=3", "warmup_steps (50) must be below"),
+        ("tokenizer.model.codebook_sise=8", "codebook_sise = 8: Extra inputs are not permitted"),
+        ("tokenizer.model.encoder.dim=8", "'encoder' is not a section"),
+        ("tokenizer.train.steps", "is not KEY=VALUE"),
+        ("seed=[1", "is not a YAML value"),
+    ],
+)
+def test_bad_overrides_give_one_line(item, says):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(load_params(REPO / "params.yaml"), [item])
+    assert says in str(err.value) and "\n" not in str(err.value)

@@ -67,6 +67,29 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def apply_overrides(params: Params, sets: list[str], source: str = "--set") -> Params:
+    """Params with dotted KEY=VALUE overrides (values read as YAML), validated like params.yaml.
+
+    The same syntax as `dvc exp run -S`, for scripts that vary params without editing the file.
+    """
+    raw = params.model_dump(mode="json")
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"{source}: {item!r} is not KEY=VALUE"])
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ConfigError([f"{source}: {key}: {part!r} is not a section"])
+        try:
+            node[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError([f"{source}: {key}: {text!r} is not a YAML value"]) from None
+    return parse_params(raw, source)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; raises ConfigError with one line per problem."""
     path = Path(path)
@@ -82,6 +105,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 __all__ = [
+    "apply_overrides",
     "ConfigError",
     "DataConfig",
     "Params",
