@@ -106,3 +106,19 @@ def test_bad_overrides_give_one_line(item, says):
     with pytest.raises(ConfigError) as err:
         apply_overrides(load_params(REPO / "params.yaml"), [item])
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paper_config_is_valid_and_holds_the_papers_recipe():
+    p = load_params(REPO / "configs" / "paper_ss_imagenet256.yaml")
+    tok, vim = p.tokenizer, p.transformer
+    assert (p.data.image_size, tok.model.patch_size, tok.model.codebook_size, tok.model.code_dim) == (
+        256,
+        8,
+        8192,
+        32,
+    )
+    assert tok.model.encoder_config().dim == 512 and tok.model.decoder_config().blocks == 8  # SS
+    assert (tok.model.dead_code_threshold, tok.model.codebook_init) == (0.0, "normal")  # no remedies
+    assert (tok.train.steps, tok.train.batch_size, tok.train.schedule.peak_lr) == (500_000, 256, 1e-4)
+    assert (vim.resolved_model().layers, vim.resolved_model().dim, vim.train.steps) == (24, 1536, 450_000)
+    assert vim.train.schedule.peak_lr == 4.5e-4 and vim.probe.block == 10
