@@ -21,7 +21,7 @@ from vim_core.config import ConfigError, apply_overrides, load_params
 from vim_core.config.transformer import resolve_model
 from vim_core.data.shards import load_split
 from vim_core.errors import VimError
-from vim_core.eval.probe import extract_features, select_and_probe
+from vim_core.eval.probe import extract_features, probe_with_config
 from vim_core.train.transformer_trainer import train_transformer
 
 # Overrides of transformer.model per variant: how much of training sees the null class.
@@ -71,16 +71,8 @@ def run(params, args, tmp: Path) -> None:
     num_classes = int(max(train_y.max(), test_y.max())) + 1
 
     def probe(train_feats, test_feats) -> dict:
-        res = select_and_probe(
-            train_feats,
-            train_y[idx],
-            test_feats,
-            test_y,
-            num_classes,
-            p.weight_decays,
-            val_fraction=p.val_fraction,
-            seed=params.evaluate.seed,
-            epochs=p.epochs,
+        res = probe_with_config(
+            p, train_feats, train_y[idx], test_feats, test_y, num_classes, params.evaluate.seed
         )
         return {"accuracy": round(res["accuracy"], 4), "weight_decay": res["weight_decay"]}
 

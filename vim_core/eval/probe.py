@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vim_core.config.pipeline import ProbeConfig
 from vim_core.errors import VimError
 from vim_core.transformer.gpt import VIM
 
@@ -159,3 +160,20 @@ def select_and_probe(
     out["weight_decay"] = best
     out["val_accuracy_by_weight_decay"] = {repr(wd): round(acc, 4) for wd, acc in scores.items()}
     return out
+
+
+def probe_with_config(
+    cfg: ProbeConfig, train_x, train_y, test_x, test_y, num_classes: int, seed: int = 0
+) -> dict:
+    """select_and_probe with the settings of `transformer.probe` (grid, validation share, iterations)."""
+    return select_and_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        cfg.weight_decays,
+        val_fraction=cfg.val_fraction,
+        seed=seed,
+        epochs=cfg.epochs,
+    )

@@ -20,7 +20,7 @@ from vim_core.eval.classifier import (
     train_classifier,
 )
 from vim_core.eval.grids import image_grid
-from vim_core.eval.probe import extract_features, select_and_probe
+from vim_core.eval.probe import extract_features, probe_with_config
 from vim_core.eval.ssim import ssim
 from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range, to_uint8
@@ -271,17 +271,7 @@ def _probe(
     chosen: dict[str, float] = {}
 
     def probe(name: str, train_feats, test_feats) -> float:
-        res = select_and_probe(
-            train_feats,
-            tr_y,
-            test_feats,
-            test_y,
-            num_classes,
-            p.weight_decays,
-            val_fraction=p.val_fraction,
-            seed=params.evaluate.seed,
-            epochs=p.epochs,
-        )
+        res = probe_with_config(p, train_feats, tr_y, test_feats, test_y, num_classes, params.evaluate.seed)
         chosen[name] = res["weight_decay"]
         return round(res["accuracy"], 4)
 
