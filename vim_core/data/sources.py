@@ -131,24 +131,27 @@ def _image_folder(url: str, seed: int) -> SourceInfo:
     return SourceInfo(class_names=classes, samples=gen())
 
 
-def _tar_paths(url: str) -> tuple[object, list[str]]:
+def _tar_paths(url: str) -> tuple[object, list[str], str]:
+    """(fs, tar paths, the root they sit under)."""
     fs, root = url_fs(url)
     _require(fs, root, url)
     if fs.isfile(root):
-        return fs, [root]
+        return fs, [root], str(PurePosixPath(root).parent)
     tars = sorted(p for p in fs.find(root) if p.endswith(".tar"))
     if not tars:
         raise VimError(f"source {url}: empty (no .tar shards)")
-    return fs, tars
+    return fs, tars, root
 
 
 def _tar_shards(url: str) -> SourceInfo:
     """Tar members are `CLASS/NAME.png` (class from the folder) or webdataset pairs `KEY.png` + `KEY.cls`."""
-    fs, tars = _tar_paths(url)
+    fs, tars, root = _tar_paths(url)
     class_names = _tar_class_names(fs, tars)
 
     def gen() -> Iterator[Sample]:
         for tar_path in tars:
+            # Keys are relative to the source root, so the hash split does not move with the bucket.
+            shard = tar_path[len(root) :].lstrip("/")
             with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 pending: dict[str, dict] = {}
                 for member in tar:
@@ -158,7 +161,7 @@ def _tar_shards(url: str) -> SourceInfo:
                     data = tar.extractfile(member).read()
                     if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) > 1:
                         yield Sample(
-                            key=f"{tar_path}:{member.name}", label=class_names.index(p.parts[-2]), raw=data
+                            key=f"{shard}:{member.name}", label=class_names.index(p.parts[-2]), raw=data
                         )
                         continue
                     stem = str(p.with_suffix(""))
@@ -168,7 +171,7 @@ def _tar_shards(url: str) -> SourceInfo:
                     elif p.suffix == ".cls":
                         entry["cls"] = int(data.decode().strip())
                     if "img" in entry and "cls" in entry:
-                        yield Sample(key=f"{tar_path}:{stem}", label=entry["cls"], raw=entry["img"])
+                        yield Sample(key=f"{shard}:{stem}", label=entry["cls"], raw=entry["img"])
                         del pending[stem]
                 if pending:
                     raise VimError(
