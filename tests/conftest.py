@@ -148,3 +148,20 @@ GIT_IDENTITY = {
 def repo_copy(tmp_path) -> Path:
     """A git checkout of the working tree in tmp, for tests that run dvc or the stage commands."""
     return copy_repo(tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def stage2(tmp_path_factory) -> Path:
+    """A micro tokenizer trained on real MNIST and its token shards (tests.test_transformer_stage params)."""
+    from tests.test_transformer_stage import stage2_params
+    from vim_core.config import parse_params
+    from vim_core.data.prepare import prepare
+    from vim_core.data.tokenize import tokenize_dataset
+    from vim_core.train.tokenizer_trainer import train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("stage2")
+    params = parse_params(stage2_params(tmp))
+    prepare(params.data)
+    train_tokenizer(params.tokenizer, params.data.out_dir, seed=0)
+    tokenize_dataset(str(tmp / "model" / "tokenizer.safetensors"), params.data.out_dir, tmp / "tokens")
+    return tmp

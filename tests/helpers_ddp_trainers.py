@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from vim_core.config import parse_params
 from vim_core.train import distributed as vdist
+from vim_core.train import run as train_run
 from vim_core.train import tokenizer_trainer, transformer_trainer
 from vim_core.train.tracking import NullTracker
 
@@ -44,7 +45,10 @@ class RecordingTracker(NullTracker):
 
 
 def stop_after(module, stop_at: int) -> None:
-    """Make module.save_checkpoint raise Preempted once the checkpoint of step `stop_at` is written."""
+    """Make module.save_checkpoint raise Preempted once the checkpoint of step `stop_at` is written.
+
+    Both trainers save through vim_core.train.run's checkpointer, so patching that module stops either.
+    """
     real = module.save_checkpoint
 
     def save(ckpt_dir, step, *args, **kwargs):
@@ -86,8 +90,7 @@ def main() -> None:
     plots = raw.pop("plots")
     params = parse_params(raw)
     if args.stop_at >= 0:
-        stop_after(tokenizer_trainer, args.stop_at)
-        stop_after(transformer_trainer, args.stop_at)
+        stop_after(train_run, args.stop_at)
     disc = capture_discriminator()
     report: dict = {}
 

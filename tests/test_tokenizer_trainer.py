@@ -1,17 +1,9 @@
-"""The tokenizer trainer end to end on real MNIST: metrics, exports, and resume after SIGKILL."""
+"""The tokenizer trainer end to end on real MNIST: metrics and exports (resume: test_trainer_run.py)."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from vim_core.config import parse_params
 from vim_core.data.prepare import prepare
@@ -74,69 +66,3 @@ def test_train_evaluate_export(prepared, tmp_path):
     reloaded = load_tokenizer(str(run.model_path))
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     assert torch.equal(reloaded.encode(x), run.model.encode(x))
-
-
-def _cli(params_file: Path, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vim_core.cli",
-            "train-tokenizer",
-            "--params",
-            str(params_file),
-            "--plots",
-            str(cwd / "plots"),
-            "--metrics",
-            str(cwd / "metrics.json"),
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_resume_after_sigkill_matches_uninterrupted_run(prepared, tmp_path):
-    steps = 24
-    runs = {}
-    for name in ("straight", "killed"):
-        work = tmp_path / name
-        work.mkdir()
-        raw = micro_params(prepared, steps=steps)
-        raw["tokenizer"]["out_dir"] = str(work / "model")
-        raw["tokenizer"]["checkpoint_dir"] = str(work / "ckpt")
-        (work / "params.yaml").write_text(yaml.safe_dump(raw))
-        runs[name] = work
-
-    straight = _cli(runs["straight"] / "params.yaml", runs["straight"])
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()
-
-    work = runs["killed"]
-    proc = _cli(work / "params.yaml", work)
-    deadline = time.monotonic() + 300
-    ckpts: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpts = sorted(work.glob("ckpt/*/step-*"))
-        if any(int(p.name.split("-")[1]) >= 8 for p in ckpts):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (work / "metrics.json").exists()
-    saved = max(int(p.name.split("-")[1]) for p in work.glob("ckpt/*/step-*") if (p / "meta.json").exists())
-    assert 8 <= saved < steps
-
-    resumed = _cli(work / "params.yaml", work)
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["steps"] == steps and metrics["resumed_from"] == saved
-    a = load_file(str(runs["straight"] / "model" / "tokenizer.safetensors"))
-    b = load_file(str(work / "model" / "tokenizer.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    rows = (work / "plots" / "tokenizer_loss.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(steps))

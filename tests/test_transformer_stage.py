@@ -1,28 +1,19 @@
-"""tokenize_dataset, the Transformer trainer, resume after SIGKILL, and the encode/decode/sample CLI."""
+"""tokenize_dataset, the Transformer trainer, and the encode/decode/sample CLI (resume: test_trainer_run.py)."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import load_file
 
 from tests.test_tokenizer_trainer import micro_params
 from vim_core.config import parse_params
-from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split, read_manifest
-from vim_core.data.tokenize import tokenize_dataset
 from vim_core.io import sha256_file
 from vim_core.tokenizer.model import load_tokenizer, to_model_range
-from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer
 
@@ -54,16 +45,6 @@ def stage2_params(tmp: Path, steps: int = 10, **train) -> dict:
         "checkpoint_dir": str(tmp / "vim_ckpt"),
     }
     return raw
-
-
-@pytest.fixture(scope="module")
-def stage2(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("stage2")
-    params = parse_params(stage2_params(tmp))
-    prepare(params.data)
-    train_tokenizer(params.tokenizer, params.data.out_dir, seed=0)
-    tokenize_dataset(str(tmp / "model" / "tokenizer.safetensors"), params.data.out_dir, tmp / "tokens")
-    return tmp
 
 
 def test_tokenize_dataset_keeps_labels_and_records_tokenizer(stage2):
@@ -103,54 +84,6 @@ def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-
-
-def test_resume_after_sigkill(stage2, tmp_path):
-    steps = 16
-    works = {}
-    for name in ("straight", "killed"):
-        work = tmp_path / name
-        work.mkdir()
-        raw = stage2_params(stage2, steps=steps)
-        raw["transformer"]["out_dir"] = str(work / "vim")
-        raw["transformer"]["checkpoint_dir"] = str(work / "ckpt")
-        (work / "params.yaml").write_text(yaml.safe_dump(raw))
-        works[name] = work
-    args = [
-        "pretrain-transformer",
-        "--params",
-        "params.yaml",
-        "--plots",
-        "plots",
-        "--metrics",
-        "metrics.json",
-    ]
-    done = _cli(*args, cwd=works["straight"])
-    assert done.returncode == 0, done.stderr
-
-    work = works["killed"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vim_core.cli", *args],
-        cwd=work,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(int(p.name.split("-")[1]) >= 8 for p in work.glob("ckpt/*/step-*")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = max(int(p.name.split("-")[1]) for p in work.glob("ckpt/*/step-*") if (p / "meta.json").exists())
-    resumed = _cli(*args, cwd=work)
-    assert resumed.returncode == 0, resumed.stderr
-    metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["steps"] == steps and metrics["resumed_from"] == saved >= 8
-    a = load_file(str(works["straight"] / "vim" / "transformer.safetensors"))
-    b = load_file(str(work / "vim" / "transformer.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_encode_decode_sample(stage2, tmp_path):

@@ -9,7 +9,13 @@ from vim_core.train.schedule import CosineSchedule, LRSchedule
 
 
 class TrainLoopConfig(StrictModel):
-    steps: int = Field(default=1000, ge=1)
+    steps: int | None = Field(default=1000, ge=1, description="null when the run is budgeted in flops")
+    flops: float | None = Field(
+        default=None,
+        gt=0,
+        description="training budget in FLOPs (all ranks), instead of steps: steps = budget / the FLOPs "
+        "of one real step, counted at start-up (torch FlopCounterMode)",
+    )
     batch_size: int = Field(default=64, ge=1, description="global batch; split across DDP ranks")
     schedule: LRSchedule = Field(default_factory=CosineSchedule)
     betas: tuple[float, float] = (0.9, 0.99)
@@ -25,12 +31,24 @@ class TrainLoopConfig(StrictModel):
     resume: Literal["auto", "never"] = "auto"
     log_every: int = Field(default=10, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_replaces_default_steps(cls, data):
+        if isinstance(data, dict) and data.get("flops") is not None and "steps" not in data:
+            return {**data, "steps": None}
+        return data
+
     @model_validator(mode="after")
     def _schedule_fits(self) -> "TrainLoopConfig":
-        try:
-            self.schedule.check_total(self.steps)
-        except Exception as err:
-            raise ValueError(str(err).removeprefix("lr schedule: ")) from None
+        if self.flops is not None and self.steps is not None:
+            raise ValueError("set steps or flops, not both (set steps: null to train on a FLOP budget)")
+        if self.flops is None and self.steps is None:
+            raise ValueError("set steps or flops: the run needs a length")
+        if self.steps is not None:
+            try:
+                self.schedule.check_total(self.steps)
+            except Exception as err:
+                raise ValueError(str(err).removeprefix("lr schedule: ")) from None
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas {self.betas} must lie in [0, 1)")
         return self

@@ -1,11 +1,7 @@
 """Train a ViT-VQGAN (or the CNN baseline) on a prepared dataset, then evaluate it on the test split."""
 
-import hashlib
-import json
 import logging
-import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,39 +9,37 @@ import torch
 import torch.nn.functional as F
 
 from vim_core.config.pipeline import TokenizerSection
-from vim_core.data.shards import iter_batches, load_split, read_manifest
-from vim_core.errors import VimError
+from vim_core.data.shards import load_split, read_manifest
 from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, r1_penalty
 from vim_core.tokenizer.losses import build_perceptual_loss, reconstruction_losses
-from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr
+from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr, throughput
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, save_tokenizer, to_model_range, to_uint8
 from vim_core.train import distributed as vdist
-from vim_core.train.checkpoint import code_digest, maybe_resume, save_checkpoint
-from vim_core.train.loop import (
-    EMA,
-    autocast_context,
-    check_finite,
-    clip_grad,
-    enable_tf32,
-    maybe_compile,
-    progress,
-    resumable_batches,
-    set_seed,
+from vim_core.train.checkpoint import code_digest, maybe_resume
+from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
+from vim_core.train.run import (
+    RunContext,
+    StepResult,
+    TrainRun,
+    checkpointer,
+    count_flops,
+    fingerprint,
+    frozen_copy,
+    open_tracker,
+    resolve_budget,
+    run_steps,
+    start_run,
+    train_batches,
 )
 from vim_core.train.schedule import make_scheduler
-from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from vim_core.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TokenizerRun:
-    model: VQTokenizer  # the weights that were evaluated (EMA when on)
-    metrics: dict
-    model_path: Path
+TokenizerRun = TrainRun  # the name callers know
 
 
-def fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -> str:
+def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -> str:
     """Checkpoints resume only into a run with the same config, data, seed and model/trainer code."""
     spec = {
         "code": code_digest("tokenizer", "layers.py", "train", "data/shards.py"),
@@ -54,7 +48,7 @@ def fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -> str:
         "seed": seed,
     }
     spec["tokenizer"]["train"].pop("resume", None)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return fingerprint(spec)
 
 
 def _optimizer(params_groups: list[dict], cfg: TokenizerSection, fused: bool) -> torch.optim.Optimizer:
@@ -81,119 +75,149 @@ def _param_groups(model: VQTokenizer, cfg: TokenizerSection) -> list[dict]:
     return groups
 
 
+def _generator_losses(cfg: TokenizerSection, net, disc, perceptual, x, gan_on: bool, device):
+    """The tokenizer's forward and its loss terms; D is frozen here and only passes gradients through."""
+    with autocast_context(device, cfg.train.bf16):
+        out = net(x)
+        terms = reconstruction_losses(out, x, cfg.loss, perceptual)
+        if gan_on:
+            for p in disc.parameters():
+                p.requires_grad_(False)
+            terms["adversarial"] = cfg.loss.adversarial_weight * g_loss(cfg.loss.gan_loss, disc(out.recon))
+            terms["total"] = terms["total"] + terms["adversarial"]
+    return out, terms
+
+
+def _discriminator_loss(cfg: TokenizerSection, disc, real, fake, with_r1: bool, device) -> dict:
+    loss_cfg = cfg.loss
+    with autocast_context(device, cfg.train.bf16):
+        loss = d_loss(loss_cfg.gan_loss, disc(real), disc(fake))
+    out = {"disc": loss.detach(), "loss": loss}
+    if with_r1:
+        # Lazy R1 (StyleGAN2): every r1_every steps, scaled up by the interval.
+        r1 = r1_penalty(disc, real)
+        out["loss"] = loss + loss_cfg.r1_weight * 0.5 * loss_cfg.r1_every * r1
+        out["r1"] = r1.detach()
+    return out
+
+
+def _r1_due(cfg: TokenizerSection, step: int) -> bool:
+    return cfg.loss.r1_weight > 0 and step % cfg.loss.r1_every == 0
+
+
+def step_flops(
+    cfg: TokenizerSection, ctx: RunContext, model, disc, perceptual, shape
+) -> list[tuple[int, int]]:
+    """FLOPs of one training step on this rank, as (first step, FLOPs) phases: before and after the GAN.
+
+    Counted on copies with a synthetic batch of the real shape; the GAN phase adds D's own step, and
+    R1's extra cost spread over its interval (it runs every r1_every steps).
+    """
+    device = ctx.device
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    m = frozen_copy(model).train()
+    d = frozen_copy(disc).train() if disc is not None else None
+
+    def generator(gan_on: bool):
+        return lambda: _generator_losses(cfg, m, d, perceptual, x, gan_on, device)[1]["total"].backward()
+
+    # Warm-up first, so a one-off codebook initialisation from data is not counted as a step.
+    plain = count_flops(generator(False), warmup=True)
+    if d is None:
+        return [(0, plain)]
+    fake = x.flip(0)
+
+    def disc_step(with_r1: bool):
+        def run():
+            for p in d.parameters():
+                p.requires_grad_(True)
+            _discriminator_loss(cfg, d, x, fake, with_r1, device)["loss"].backward()
+
+        return run
+
+    with_gan = count_flops(generator(True))
+    d_plain = count_flops(disc_step(False))
+    r1_extra = count_flops(disc_step(True)) - d_plain if cfg.loss.r1_weight > 0 else 0
+    gan_phase = with_gan + d_plain + round(r1_extra / cfg.loss.r1_every)
+    return [(0, plain), (cfg.loss.adversarial_start_step, gan_phase)]
+
+
 def train_tokenizer(
     cfg: TokenizerSection,
     data_root: str | Path,
     seed: int = 0,
     tracker: Tracker | None = None,
     plots_dir: str | Path | None = None,
-) -> TokenizerRun:
+) -> TrainRun:
     """Train, checkpoint, resume, evaluate and export. Under torchrun every rank calls this.
 
     Per-step metrics go to `tracker` and, with plots_dir, to CSVs there (tokenizer_loss.csv, ...) and to
     out_dir/log/metrics.jsonl; a resumed run rewrites those from its checkpoint's step on.
     """
-    info = vdist.init_distributed(cfg.train.device)
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = info.device  # cuda:LOCAL_RANK under torchrun on GPUs
-    enable_tf32(device)
     manifest = read_manifest(data_root)
     image_size, channels = manifest["image_size"], manifest["channels"]
-    if t.batch_size % info.world_size:
-        raise VimError(
-            f"tokenizer.train.batch_size {t.batch_size} must divide by the {info.world_size} ranks"
-        )
-    local_batch = t.batch_size // info.world_size
-    if manifest["splits"]["train"]["count"] < t.batch_size:
-        raise VimError(
-            f"{data_root}: {manifest['splits']['train']['count']} train images, fewer than one batch"
-        )
+    n_train = manifest["splits"]["train"]["count"]
+    ctx = start_run(t, "tokenizer", n_train, data_root)
+    device = ctx.device  # cuda:LOCAL_RANK under torchrun on GPUs
 
     set_seed(seed)
     model = build_tokenizer(cfg.model, image_size, channels).to(device)
-    perceptual = build_perceptual_loss(
-        cfg.loss
-    )  # fails now, naming the file, if VGG/LPIPS weights are missing
+    # fails now, naming the file, if VGG/LPIPS weights are missing
+    perceptual = build_perceptual_loss(cfg.loss)
     if perceptual is not None:
         perceptual = perceptual.to(device)
-    use_gan = cfg.loss.adversarial_weight > 0
     disc = None
-    if use_gan:
+    if cfg.loss.adversarial_weight > 0:
         d = cfg.loss.discriminator
         disc = Discriminator(image_size, channels, d.width, d.max_width, d.mbstd_group).to(device)
+    phases = step_flops(
+        cfg, ctx, model, disc, perceptual, (ctx.local_batch, channels, image_size, image_size)
+    )
+    budget = resolve_budget(t, "tokenizer", phases, ctx.info.world_size)
     fused = device.type == "cuda"  # one fused AdamW kernel per step on GPUs
     opt = _optimizer(_param_groups(model, cfg), cfg, fused)
-    sched = make_scheduler(opt, t.schedule, t.steps)
+    sched = make_scheduler(opt, t.schedule, budget.steps)
     modules: dict = {"model": model}
     optimizers: dict = {"model": opt}
     schedulers: dict = {"model": sched}
+    opt_d = sched_d = None
     if disc is not None:
         opt_d = _optimizer([{"params": list(disc.parameters())}], cfg, fused)
-        sched_d = make_scheduler(opt_d, t.schedule, t.steps)
+        sched_d = make_scheduler(opt_d, t.schedule, budget.steps)
         modules["disc"], optimizers["disc"], schedulers["disc"] = disc, opt_d, sched_d
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     if ema is not None:
         modules["ema"] = ema
 
-    fp = fingerprint(cfg, manifest.get("version", ""), seed)
+    fp = tokenizer_fingerprint(cfg, manifest.get("version", ""), seed)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, optimizers, schedulers)
-    if start >= t.steps:
-        log.info("checkpoint at step %d already covers the %d steps", start, t.steps)
-    # Only rank 0 tracks (MLflow, JSONL, CSV); the other ranks log nothing.
-    trackers = [tracker] if tracker is not None and info.is_main else []
-    if plots_dir is not None and info.is_main:
-        trackers.append(
-            JsonlTracker(Path(cfg.out_dir) / "log", plots_dir, prefix="tokenizer", start_step=start)
-        )
-    tracker = MultiTracker(*trackers) if trackers else NullTracker()
+    if start >= budget.steps:
+        log.info("checkpoint at step %d already covers the %d steps", start, budget.steps)
+    tracker = open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "tokenizer", start)
 
-    net = maybe_compile(vdist.wrap_ddp(model, info), t.compile)
+    net = maybe_compile(vdist.wrap_ddp(model, ctx.info), t.compile)
     if disc is not None:
         # D stays outside DDP: it runs frozen in the generator step and through R1's double backward,
         # which DDP's reducer cannot follow. Its gradients are averaged by hand (all_reduce_grads).
         vdist.broadcast_module(disc)
-
-    def epoch_batches(epoch: int):
-        return iter_batches(
-            data_root,
-            "train",
-            local_batch,
-            seed=seed * 100_003 + epoch,
-            rank=info.rank,
-            world_size=info.world_size,
-            drop_last=True,
-        )
-
-    per_epoch = manifest["splits"]["train"]["count"] // t.batch_size
-    batches = resumable_batches(epoch_batches, start, batches_per_epoch=per_epoch)
+    batches = train_batches(ctx, data_root, t.batch_size, n_train, seed, start)
     tracker.log_params(
         {
             "tokenizer": cfg.model_dump(mode="json"),
             "seed": seed,
             "fingerprint": fp,
-            "world_size": info.world_size,
+            "world_size": ctx.info.world_size,
+            "steps": budget.steps,
         }
     )
-    started = time.monotonic()
-    bar = progress(total=t.steps, initial=start, desc="train_tokenizer")
-    model.train()
-    for step in range(start, t.steps):
-        _, (images, _) = next(batches)
+
+    def step_fn(step: int, batch) -> StepResult:
+        images, _ = batch
         x = to_model_range(images).to(device, non_blocking=True)
-        gan_on = use_gan and step >= cfg.loss.adversarial_start_step
-        with autocast_context(device, t.bf16):
-            out = net(x)
-            terms = reconstruction_losses(out, x, cfg.loss, perceptual)
-            if gan_on:
-                for p in disc.parameters():
-                    p.requires_grad_(False)
-                terms["adversarial"] = cfg.loss.adversarial_weight * g_loss(
-                    cfg.loss.gan_loss, disc(out.recon)
-                )
-                terms["total"] = terms["total"] + terms["adversarial"]
+        gan_on = disc is not None and step >= cfg.loss.adversarial_start_step
+        out, terms = _generator_losses(cfg, net, disc, perceptual, x, gan_on, device)
         check_finite(terms, step)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -204,33 +228,30 @@ def train_tokenizer(
             for p in disc.parameters():
                 p.requires_grad_(True)
             if gan_on:
-                terms.update(
-                    _discriminator_step(cfg, disc, opt_d, x, out.recon.detach(), step, t.bf16, device)
-                )
+                terms.update(_discriminator_step(cfg, disc, opt_d, x, out.recon.detach(), step, device))
             with warnings.catch_warnings():  # before the GAN starts D's optimizer has not stepped yet
                 warnings.simplefilter("ignore", UserWarning)
                 sched_d.step()  # keep the D schedule in lockstep with the generator's
         if ema is not None:
             ema.update(model)
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps - 1:
-            # Losses are averaged over ranks (a collective, so every rank joins): the loss of the global
-            # batch. The quantizer's batch stats (usage, perplexity) already count the global batch.
-            losses = vdist.all_reduce_mean_dict(terms)
-            if info.is_main:
-                metrics = {f"loss/{k}": v for k, v in losses.items()}
-                metrics.update({f"train/{k}": v for k, v in out.stats.items()})
-                metrics["train/grad_norm"] = grad_norm
-                metrics["train/lr"] = sched.get_last_lr()[0]
-                tracker.log_metrics(metrics, step)
-                bar.set_postfix(
-                    loss=f"{losses['total'].item():.4f}", usage=f"{out.stats['usage'].item():.2f}"
-                )
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            save_checkpoint(ckpt_dir, step + 1, modules, optimizers, schedulers, keep_last=t.keep_checkpoints)
-    bar.close()
-    train_seconds = time.monotonic() - started
+        # The quantizer's batch stats (usage, perplexity) already count the global batch.
+        extra = {f"train/{k}": v for k, v in out.stats.items()}
+        extra["train/grad_norm"] = grad_norm
+        extra["train/lr"] = sched.get_last_lr()[0]
+        return StepResult(terms, extra)
 
+    model.train()
+    train_seconds = run_steps(
+        ctx,
+        t,
+        budget.steps,
+        start,
+        batches,
+        step_fn,
+        checkpointer(ckpt_dir, modules, optimizers, schedulers, t.keep_checkpoints),
+        tracker,
+        "train_tokenizer",
+    )
     final = model
     if ema is not None:
         final = build_tokenizer(cfg.model, image_size, channels).to(device)
@@ -238,35 +259,29 @@ def train_tokenizer(
         ema.copy_to(final)
     final.eval()
     metrics = {
-        "steps": t.steps,
+        **budget.metrics(ctx.info.world_size),
         "resumed_from": start,
         "train_seconds": round(train_seconds, 2),
-        "world_size": info.world_size,
+        "world_size": ctx.info.world_size,
         "fingerprint": fp,
     }
     out_dir = Path(cfg.out_dir)
     model_path = out_dir / "tokenizer.safetensors"
-    if info.is_main:
+    if ctx.info.is_main:
         metrics.update(evaluate_tokenizer(final, data_root, cfg, device, plots_dir))
+        metrics.update(throughput(final, channels, image_size, device))
         out_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(final, cfg.model, str(model_path))
         tracker.log_metrics(
-            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, t.steps
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, budget.steps
         )
     vdist.barrier()
-    return TokenizerRun(model=final, metrics=metrics, model_path=model_path)
+    return TrainRun(model=final, metrics=metrics, model_path=model_path)
 
 
-def _discriminator_step(cfg, disc, opt_d, real, fake, step, bf16, device) -> dict:
-    loss_cfg = cfg.loss
-    with autocast_context(device, bf16):
-        loss = d_loss(loss_cfg.gan_loss, disc(real), disc(fake))
-    out = {"disc": loss.detach()}
-    if loss_cfg.r1_weight > 0 and step % loss_cfg.r1_every == 0:
-        # Lazy R1 (StyleGAN2): every r1_every steps, scaled up by the interval.
-        r1 = r1_penalty(disc, real)
-        loss = loss + loss_cfg.r1_weight * 0.5 * loss_cfg.r1_every * r1
-        out["r1"] = r1.detach()
+def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:
+    out = _discriminator_loss(cfg, disc, real, fake, _r1_due(cfg, step), device)
+    loss = out.pop("loss")
     check_finite(out, step)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()

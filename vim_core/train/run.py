@@ -1,0 +1,284 @@
+"""The run skeleton every trainer shares: set-up, step budget, trackers, data stream and the step loop.
+
+A trainer supplies what is its own (the model, one optimisation step, its evaluation); everything that
+decides *how long* and *on what* it trains lives here once, so the tokenizer, VIM and any later trainer
+resume, log, checkpoint and count FLOPs the same way.
+"""
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from vim_core.config.training import TrainLoopConfig
+from vim_core.data.shards import iter_batches
+from vim_core.errors import VimError
+from vim_core.train import distributed as vdist
+from vim_core.train.checkpoint import save_checkpoint
+from vim_core.train.loop import enable_tf32, progress, resumable_batches
+from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+
+
+@dataclass
+class TrainRun:
+    """What a trainer returns: the weights that were evaluated, the metrics JSON and the export path."""
+
+    model: nn.Module
+    metrics: dict
+    model_path: Path
+
+
+@dataclass
+class RunContext:
+    """Where and how a run trains: the DDP rank layout, the device, and this rank's share of the batch."""
+
+    info: vdist.DistInfo
+    local_batch: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def start_run(t: TrainLoopConfig, section: str, n_train: int, source: str | Path) -> RunContext:
+    """Join the process group (under torchrun), pick the device and threads, and check the batch fits."""
+    info = vdist.init_distributed(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    enable_tf32(info.device)
+    if t.batch_size % info.world_size:
+        raise VimError(
+            f"{section}.train.batch_size {t.batch_size} must divide by the {info.world_size} ranks"
+        )
+    if n_train < t.batch_size:
+        raise VimError(f"{source}: {n_train} train examples, fewer than one batch of {t.batch_size}")
+    return RunContext(info, t.batch_size // info.world_size)
+
+
+def fingerprint(spec: dict) -> str:
+    """Checkpoints resume only into a run whose spec (config, data, seed, code) hashes the same."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def open_tracker(
+    ctx: RunContext,
+    tracker: Tracker | None,
+    out_dir: str | Path,
+    plots_dir: str | Path | None,
+    prefix: str,
+    start: int,
+) -> Tracker:
+    """Rank 0 logs to `tracker` and, with plots_dir, to JSONL/CSV rewritten from the resumed step on."""
+    if not ctx.info.is_main:
+        return NullTracker()
+    trackers = [tracker] if tracker is not None else []
+    if plots_dir is not None:
+        trackers.append(JsonlTracker(Path(out_dir) / "log", plots_dir, prefix=prefix, start_step=start))
+    return MultiTracker(*trackers) if trackers else NullTracker()
+
+
+def train_batches(
+    ctx: RunContext, root: str | Path, batch_size: int, n_train: int, seed: int, start: int
+) -> Iterator[tuple[int, object]]:
+    """This rank's endless (epoch, batch) stream over the train split, resumed at step `start`."""
+
+    def epoch(e: int):
+        return iter_batches(
+            root,
+            "train",
+            ctx.local_batch,
+            seed=seed * 100_003 + e,
+            rank=ctx.info.rank,
+            world_size=ctx.info.world_size,
+            drop_last=True,
+        )
+
+    return resumable_batches(epoch, start, batches_per_epoch=n_train // batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The budget: steps, or FLOPs counted on a real step.
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch counts the CUDA attention kernels but not the CPU one that F.scaled_dot_product_attention picks
+# here; without these, attention would be free on the CPU, and a 256-token arm would look cheaper than it is.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+}
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: its backward hooks cannot follow
+    torch.autograd.grad (R1's double backward) and we only need the total."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def count_flops(fn: Callable[[], object], warmup: bool = False) -> int:
+    """FLOPs of one call of fn, as torch's FlopCounterMode counts them (matmuls, convs, attention).
+
+    fn runs for real, so callers hand it copies of their modules; the global RNG is restored afterwards so
+    counting never changes what the run itself draws. With warmup, fn runs once uncounted first.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if warmup:
+            fn()
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        counter.mod_tracker = _GlobalOnly()
+        with counter:
+            fn()
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class Budget:
+    """How many steps a run takes and what they cost. `phases` are (first step, FLOPs per step) pairs,
+    for trainers whose step changes cost part-way (the tokenizer's GAN start)."""
+
+    steps: int
+    phases: list[tuple[int, int]]
+    requested_flops: float | None = None
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def train_flops(self) -> int:
+        return flops_until(self.phases, self.steps)
+
+    def metrics(self, world_size: int = 1) -> dict:
+        """The budget as recorded in the metrics JSON (whole-run figures, all ranks together)."""
+        out = {
+            "steps": self.steps,
+            "train_flops": float(self.train_flops * world_size),
+            "flops_per_step": float(self.train_flops * world_size / max(self.steps, 1)),
+            "flops_budget": self.requested_flops,
+            "flops_counter": "torch.utils.flop_counter.FlopCounterMode on one real step, forward + backward",
+        }
+        if len(self.phases) > 1:
+            out["flops_per_step_phases"] = [
+                {"from_step": s, "flops_per_step": float(f * world_size)} for s, f in self.phases
+            ]
+        return out
+
+
+def flops_until(phases: list[tuple[int, int]], steps: int) -> int:
+    """Total FLOPs of the first `steps` steps under piecewise-constant per-step costs."""
+    total = 0
+    for i, (begin, per_step) in enumerate(phases):
+        end = phases[i + 1][0] if i + 1 < len(phases) else steps
+        total += max(0, min(end, steps) - begin) * per_step
+    return total
+
+
+def resolve_budget(
+    t: TrainLoopConfig, section: str, phases: list[tuple[int, int]], world_size: int
+) -> Budget:
+    """Steps from the config, or the most steps whose FLOPs fit `t.flops` (all ranks together)."""
+    if t.flops is None:
+        steps = t.steps
+    else:
+        per_rank_budget = t.flops / world_size
+        steps = 0
+        for i, (begin, per_step) in enumerate(phases):
+            if per_step <= 0:
+                raise VimError(f"{section}.train.flops: the FLOP counter saw no work in a training step")
+            end = phases[i + 1][0] if i + 1 < len(phases) else None
+            spent = flops_until(phases, begin)
+            fit = begin + int((per_rank_budget - spent) // per_step)
+            steps = min(fit, end) if end is not None else fit
+            if end is None or fit < end:
+                break
+        if steps < 1:
+            raise VimError(
+                f"{section}.train.flops = {t.flops:.3g} buys no training step "
+                f"(one step costs {phases[0][1] * world_size:.3g} FLOPs)"
+            )
+    try:
+        t.schedule.check_total(steps)
+    except VimError as err:
+        cause = str(err).removeprefix("lr schedule: ")
+        raise VimError(f"{section}.train: {steps} steps from the budget, but {cause}") from None
+    return Budget(steps, phases, t.flops)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class StepResult:
+    """One step's losses (averaged over ranks when logged, as loss/NAME) and extra metrics, already named."""
+
+    losses: dict[str, torch.Tensor]
+    extra: dict = field(default_factory=dict)
+
+
+def run_steps(
+    ctx: RunContext,
+    t: TrainLoopConfig,
+    steps: int,
+    start: int,
+    batches: Iterator,
+    step_fn: Callable[[int, object], StepResult],
+    checkpoint: Callable[[int], None],
+    tracker: Tracker,
+    desc: str,
+) -> float:
+    """Steps start..steps-1: step, log every log_every steps, checkpoint; returns the training seconds."""
+    started = time.monotonic()
+    bar = progress(total=steps, initial=start, desc=desc)
+    for step in range(start, steps):
+        _, batch = next(batches)
+        result = step_fn(step, batch)
+        bar.update(1)
+        if step % t.log_every == 0 or step == steps - 1:
+            # The global batch's losses: a collective, so every rank joins; only rank 0 logs.
+            losses = vdist.all_reduce_mean_dict(result.losses)
+            if ctx.info.is_main:
+                metrics = {f"loss/{k}": v for k, v in losses.items()}
+                metrics.update(result.extra)
+                tracker.log_metrics(metrics, step)
+                shown = losses.get("total", next(iter(losses.values())))
+                bar.set_postfix(loss=f"{float(shown):.4f}")
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == steps:
+            checkpoint(step + 1)
+    bar.close()
+    return time.monotonic() - started
+
+
+def checkpointer(
+    ckpt_dir: Path, modules: dict, optimizers: dict, schedulers: dict, keep_last: int
+) -> Callable[[int], None]:
+    """save_checkpoint bound to one run's state."""
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_dir, step, modules, optimizers, schedulers, keep_last=keep_last)
+
+    return save
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy to run a step on for counting, so the real weights, buffers and codebook stay put."""
+    return copy.deepcopy(vdist.unwrap(module))
