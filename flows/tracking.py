@@ -166,8 +166,14 @@ def revision_tags() -> dict[str, str]:
     lock = REPO / "dvc.lock"
     if lock.is_file():
         tags["vim.dvc.lock_sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()
-    for env, tag in (("DVC_EXP_NAME", "vim.dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "vim.dvc.baseline_rev")):
-        if os.environ.get(env):  # set by `dvc exp run`
+    for env, tag in (
+        ("DVC_EXP_NAME", "vim.dvc.exp_name"),  # set by `dvc exp run`
+        ("DVC_EXP_BASELINE_REV", "vim.dvc.baseline_rev"),
+        ("VIM_STUDY", "vim.study"),  # set by flows.study for each arm's run
+        ("VIM_ARM", "vim.arm"),
+        ("VIM_SEED", "vim.seed"),
+    ):
+        if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
 

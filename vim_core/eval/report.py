@@ -221,6 +221,34 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     out.update(_probe(params, vim, tokenizer, train_x, train_y, test_x, test_y, test_tokens, num_classes))
     timings["probe"] = round(time.monotonic() - t, 1)
 
+    # Unconditional generation (the paper reports it too): a conditional VIM samples p(x) through its
+    # null class, without guidance; an unconditional VIM's plain samples already are.
+    t = time.monotonic()
+    if conditional:
+        uncond = decode_tokens(
+            tokenizer,
+            sample(
+                vim,
+                n,
+                None,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                cfg_scale=1.0,
+                seed=e.seed,
+                batch_size=s.batch_size,
+            ),
+        )
+        out.update({f"{k}_uncond": v for k, v in dm(uncond, test_x).items()})
+        how = "null class, no guidance"
+    else:
+        uncond = plain
+        out.update({f"{k}_uncond": v for k, v in gen.items()})
+        how = "the model is unconditional: the same samples as fid_domain"
+    out["definitions"]["generation_uncond"] = {"samples": n, "how": how, "seed": e.seed}
+    save_image(image_grid(uncond[:64]), plots / "samples_uncond.png")
+    timings["unconditional"] = round(time.monotonic() - t, 1)
+
     # Inception metrics when the weights are present.
     incep = fidelity.inception_metrics(
         plain, test_x, e.weights_dir, kid_subset_size=e.kid_subset_size, seed=e.seed
@@ -231,7 +259,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         out["definitions"]["inception"] = {"skipped": incep.pop("skipped")}
     out.update(incep)
 
-    _grids(plots, images, labels, scores, test_x, recon, num_classes, conditional)
+    _grids(plots, images, labels if conditional else probs.argmax(1), scores, test_x, recon, num_classes)
     timings["total"] = round(time.monotonic() - started, 1)
     out["timings_seconds"] = timings
     out["eval_config_hash"] = eval_config_hash(params)
@@ -303,16 +331,18 @@ def _probe(
     return out
 
 
-def _grids(plots: Path, images, labels, scores, test_x, recon, num_classes: int, conditional: bool) -> None:
+def _grids(plots: Path, images, labels, scores, test_x, recon, num_classes: int) -> None:
+    """`labels`: the requested classes, or for an unconditional model the classifier's predictions."""
     per_class = 8
-    if conditional:
-        rows = []
-        for c in range(num_classes):
-            idx = (labels == c).nonzero()[:, 0][:per_class].numpy()
+    rows = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero()[:, 0][:per_class].numpy()
+        if len(idx) < per_class:  # a class the unconditional model rarely draws: pad with blanks
+            blank = np.zeros((per_class - len(idx), *images.shape[1:]), dtype=images.dtype)
+            rows.append(np.concatenate([images[idx], blank]))
+        else:
             rows.append(images[idx])
-        save_image(image_grid(np.concatenate(rows), columns=per_class), plots / "samples_per_class.png")
-    else:
-        save_image(image_grid(images[:64]), plots / "samples.png")
+    save_image(image_grid(np.concatenate(rows), columns=per_class), plots / "samples_per_class.png")
     pairs = np.stack([test_x[:32], recon[:32]], axis=1).reshape(-1, *test_x.shape[1:])
     save_image(image_grid(pairs, columns=16), plots / "reconstructions.png")
     order = torch.argsort(scores)

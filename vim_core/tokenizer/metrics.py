@@ -52,3 +52,48 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     per_image = 10 * torch.log10(data_range**2 / mse.clamp(min=1e-10))
     return per_image.mean()
+
+
+@torch.inference_mode()
+def throughput(
+    model: torch.nn.Module,
+    channels: int,
+    image_size: int,
+    device: torch.device,
+    batch: int = 64,
+    repeats: int = 5,
+) -> dict:
+    """Encoder and decoder images/s (paper Table 2), warm, at a fixed batch on this machine.
+
+    encode is image -> token ids (encoder + quantizer), decode is ids -> image; each is timed as the best
+    of `repeats` runs after one warm-up, so a background blip does not decide the figure.
+    """
+    import time
+
+    was_training = model.training
+    model.eval()
+    x = torch.rand((batch, channels, image_size, image_size), generator=torch.Generator().manual_seed(0))
+    x = x.to(device) * 2 - 1
+    ids = model.encode(x)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return batch / min(times)
+
+    out = {
+        "encode_images_per_s": round(best(lambda: model.encode(x)), 1),
+        "decode_images_per_s": round(best(lambda: model.decode(ids)), 1),
+        "throughput_definition": f"images/s at batch {batch}, best of {repeats} warm runs, "
+        f"{torch.get_num_threads()} threads on {device.type}",
+    }
+    model.train(was_training)
+    return out
