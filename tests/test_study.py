@@ -1,0 +1,124 @@
+"""flows.study end to end on a micro pipeline: arms as DVC experiments, a SIGKILL mid-study and a resume
+that skips the finished run, MLflow runs tagged by study and arm on a real server, and the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import servers
+from tests.conftest import copy_repo, git_commit
+from tests.test_orchestration_pipeline import tiny_params
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+STUDY = {
+    "name": "micro",
+    "title": "Micro study",
+    "seeds": [0],
+    "compare": ["base", "budget"],
+    "arms": {
+        "base": {"description": "the micro params", "overrides": {}},
+        # the same tokenizer on a FLOP budget, with 2 seeds: the report's spread
+        "budget": {
+            "description": "tokenizer trained on a FLOP budget",
+            "overrides": {"tokenizer.train.steps": None, "tokenizer.train.flops": 2.0e10},
+            "seeds": [0, 1],
+        },
+    },
+    "metrics": [
+        {"key": "psnr", "source": "eval", "better": "higher"},
+        {"key": "fid_domain_uncond", "source": "eval", "better": "lower"},
+        {"key": "val_bits_per_token", "source": "transformer"},
+    ],
+    "paper": {"base": {"source": "nowhere", "psnr": "n/a"}},
+}
+
+
+def _exps(repo: Path) -> set[str]:
+    from flows.study import experiments
+
+    return set(experiments(repo))
+
+
+def test_study_runs_arms_as_experiments_and_resumes_after_sigkill(tmp_path, mlflow_server, prefect_server):
+    repo = copy_repo(tmp_path / "repo")
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
+    (repo / "studies" / "micro.yaml").write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    git_commit(repo, "micro study")
+    (tmp_path / "prefect").mkdir()
+    env = {
+        **os.environ,
+        **servers.prefect_env(tmp_path / "prefect", api_url=f"{prefect_server}/api"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_NAME": "study-test",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "flows.study", "studies/micro.yaml"]
+
+    # A bad study file is one line and exit 2, before anything runs.
+    bad = repo / "studies" / "bad.yaml"
+    arms = {**STUDY["arms"], "base": {"overrides": {"tokenizer.train.stepz": 3}}}
+    bad.write_text(yaml.safe_dump({**STUDY, "arms": arms}))
+    out = subprocess.run([*cmd[:-1], str(bad)], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "stepz" in out.stderr, out.stderr
+    bad.unlink()
+
+    runner = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pgid_file = repo / ".dvc" / "tmp" / "study-micro.pgid"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and runner.poll() is None:
+        # the first run is finished and the second one has started: kill the runner alone
+        if "micro-base-s0" in _exps(repo) and pgid_file.exists():
+            break
+        time.sleep(1)
+    assert runner.poll() is None, "the study ended before it could be killed"
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    orphan = int(pgid_file.read_text())
+    os.killpg(orphan, 0)  # its experiment is still running, as after any SIGKILL of a parent
+
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "micro-base-s0: done already with these params, skipped" in done.stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(orphan, 0)  # the resumed study stopped the leftover before rerunning that arm
+    assert {"micro-base-s0", "micro-budget-s0", "micro-budget-s1"} <= _exps(repo)
+
+    report = json.loads((repo / "reports" / "micro.json").read_text())
+    assert report["study"] == "micro" and set(report["arms"]) == {"base", "budget"}
+    budget = report["arms"]["budget"]
+    assert budget["seeds"] == [0, 1] and budget["metrics"]["psnr"]["n"] == 2
+    assert budget["tokenizer_train_flops"] <= 2.0e10 < report["arms"]["base"]["tokenizer_train_flops"]
+    assert report["arms"]["base"]["transformer_train_flops"] == pytest.approx(
+        budget["transformer_train_flops"]
+    )
+    assert set(report["comparison"]) == {"psnr", "fid_domain_uncond", "val_bits_per_token"}
+    md = (repo / "reports" / "micro.md").read_text()
+    assert "| psnr (higher is better) |" in md and "paper: base" in md
+    assert (repo / "reports" / "micro.png").stat().st_size > 1000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("study-test")
+    runs = client.search_runs([exp.experiment_id], "tags.`vim.study` = 'micro'")
+    arms = {(r.data.tags["vim.arm"], r.data.tags.get("vim.kind")) for r in runs}
+    assert {("base", "pipeline"), ("budget", "pipeline"), ("budget", "stage")} <= arms
+    piped = [r for r in runs if r.data.tags.get("vim.kind") == "pipeline" and r.info.status == "FINISHED"]
+    assert all("psnr" in r.data.metrics for r in piped)
+
+    # Nothing left behind: no process group of ours, an unchanged workspace.
+    assert not pgid_file.exists()
+    assert yaml.safe_load(params.read_text())["tokenizer"]["train"]["steps"] == 60
