@@ -11,6 +11,14 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from vim_core.config.pipeline import TokenizerSection, TransformerSection
+from vim_core.config.schedule import (
+    PAPER_TOKENIZER_SCHEDULE,
+    PAPER_VIM_SCHEDULE,
+    CosineSchedule,
+    ExponentialSchedule,
+    LRSchedule,
+)
 from vim_core.errors import VimError
 from vim_core.train.loop import (
     EMA,
@@ -21,15 +29,7 @@ from vim_core.train.loop import (
     resumable_batches,
     set_seed,
 )
-from vim_core.train.schedule import (
-    PAPER_TOKENIZER_SCHEDULE,
-    PAPER_VIM_SCHEDULE,
-    CosineSchedule,
-    ExponentialSchedule,
-    LRSchedule,
-    lr_multiplier,
-    make_scheduler,
-)
+from vim_core.train.schedule import lr_multiplier, make_scheduler
 
 # ---------------------------------------------------------------- schedules
 
@@ -99,6 +99,14 @@ def test_schedule_validation():
     parsed = TypeAdapter(LRSchedule).validate_python({"kind": "exponential", "decay_start": 90_000})
     assert isinstance(parsed, ExponentialSchedule) and parsed.decay_start == 90_000
     assert TypeAdapter(LRSchedule).validate_python({"kind": "cosine"}) == PAPER_TOKENIZER_SCHEDULE
+
+
+def test_pipeline_defaults_are_the_paper_schedules_and_do_not_share_them():
+    tok, vim = TokenizerSection(), TransformerSection()
+    assert tok.train.schedule == PAPER_TOKENIZER_SCHEDULE and vim.train.schedule == PAPER_VIM_SCHEDULE
+    assert (tok.train.steps, vim.train.steps) == (500_000, 450_000)
+    tok.train.schedule.peak_lr = 3e-4  # a copy: the constant and the next default stay the paper's
+    assert PAPER_TOKENIZER_SCHEDULE.peak_lr == 1e-4 and TokenizerSection().train.schedule.peak_lr == 1e-4
 
 
 def test_no_warmup_starts_at_peak():

@@ -3,20 +3,20 @@
 from pydantic import Field, model_validator
 
 from vim_core.config.base import StrictModel
+from vim_core.config.schedule import PAPER_TOKENIZER_SCHEDULE, PAPER_VIM_SCHEDULE
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
 from vim_core.config.training import TrainLoopConfig
 from vim_core.config.transformer import RejectionConfig, SamplingConfig, TransformerModelConfig, resolve_model
-from vim_core.train.schedule import CosineSchedule, ExponentialSchedule
 
 
 def _tokenizer_loop() -> TrainLoopConfig:
-    # Paper: Adam(0.9, 0.99), wd 1e-4, warmup to 1e-4 over 50k then cosine to 5e-5, 500k steps at batch 256.
+    # Paper: Adam(0.9, 0.99), wd 1e-4, 500k steps at batch 256, the paper's tokenizer lr schedule.
     return TrainLoopConfig(
         steps=500_000,
         batch_size=256,
         betas=(0.9, 0.99),
         weight_decay=1e-4,
-        schedule=CosineSchedule(peak_lr=1e-4, final_lr=5e-5, warmup_steps=50_000),
+        schedule=PAPER_TOKENIZER_SCHEDULE.model_copy(),
     )
 
 
@@ -38,13 +38,13 @@ class TokenizerSection(StrictModel):
 
 
 def _transformer_loop() -> TrainLoopConfig:
-    # Paper: Adam(0.9, 0.96), warmup 5k to 4.5e-4, exponential decay to 1e-5 from step 80k, batch 1024, 450k.
+    # Paper: Adam(0.9, 0.96), batch 1024, 450k steps, the paper's VIM lr schedule.
     return TrainLoopConfig(
         steps=450_000,
         batch_size=1024,
         betas=(0.9, 0.96),
         weight_decay=0.01,
-        schedule=ExponentialSchedule(peak_lr=4.5e-4, final_lr=1e-5, warmup_steps=5_000, decay_start=80_000),
+        schedule=PAPER_VIM_SCHEDULE.model_copy(),
     )
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vim_core.config.base import StrictModel
-from vim_core.train.schedule import CosineSchedule, LRSchedule
+from vim_core.config.schedule import CosineSchedule, LRSchedule
 
 
 class TrainLoopConfig(StrictModel):
