@@ -13,12 +13,12 @@ from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, mini
 from vim_core.tokenizer.losses import (
     build_perceptual_loss,
     l2_loss,
-    laplace_mean_image,
     logit_laplace_nll,
     reconstruction_losses,
     to_laplace_space,
 )
 from vim_core.tokenizer.lpips import _CHANNELS, LPIPS, LPIPS_FILE, VGG16_FILE
+from vim_core.tokenizer.model import laplace_mean_image
 
 
 def test_discriminator_shape_and_r1():

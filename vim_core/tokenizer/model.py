@@ -14,11 +14,20 @@ from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.errors import VimError
 from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
 from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
-from vim_core.tokenizer.losses import laplace_mean_image
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
 from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
 
 FORMAT = "vim-tokenizer/1"
+
+# Pixels are squeezed from [0, 1] into [eps, 1 - eps] before the logit, as in DALL-E, so the logit
+# (and so the likelihood) stays finite at pure black and white.
+LAPLACE_EPS = 0.1
+
+
+def laplace_mean_image(loc: torch.Tensor) -> torch.Tensor:
+    """The image a logit-Laplace decoder means: sigmoid(loc), un-squeezed and mapped back to [-1, 1]."""
+    x01 = ((torch.sigmoid(loc) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS)).clamp(0, 1)
+    return x01 * 2 - 1
 
 
 @dataclass
