@@ -40,6 +40,7 @@ def stage2_params(tmp: Path, steps: int = 10, **train) -> dict:
             "checkpoint_every": 4,
             "threads": 1,
             "log_every": 1,
+            "cfg_dropout": 0.1,  # the embedded default's label dropout
             "schedule": {
                 "kind": "exponential",
                 "peak_lr": 3e-3,

@@ -1,12 +1,18 @@
 """The per-stage sections of params.yaml, composed from the model, loss and loop configs."""
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vim_core.config.base import StrictModel
 from vim_core.config.schedule import PAPER_TOKENIZER_SCHEDULE, PAPER_VIM_SCHEDULE
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
-from vim_core.config.training import TrainLoopConfig
-from vim_core.config.transformer import RejectionConfig, SamplingConfig, TransformerModelConfig, resolve_model
+from vim_core.config.training import TrainLoopConfig, TransformerTrainConfig
+from vim_core.config.transformer import (
+    RejectionConfig,
+    SamplingConfig,
+    TransformerArchConfig,
+    TransformerModelConfig,
+    resolve_model,
+)
 
 
 def _tokenizer_loop() -> TrainLoopConfig:
@@ -37,9 +43,9 @@ class TokenizerSection(StrictModel):
     checkpoint_dir: str = "checkpoints/tokenizer"
 
 
-def _transformer_loop() -> TrainLoopConfig:
-    # Paper: Adam(0.9, 0.96), batch 1024, 450k steps, the paper's VIM lr schedule.
-    return TrainLoopConfig(
+def _transformer_loop() -> TransformerTrainConfig:
+    # Paper: Adam(0.9, 0.96), batch 1024, 450k steps, the paper's VIM lr schedule, no label dropout.
+    return TransformerTrainConfig(
         steps=450_000,
         batch_size=1024,
         betas=(0.9, 0.96),
@@ -70,8 +76,10 @@ class ProbeConfig(StrictModel):
 class TransformerSection(StrictModel):
     """`transformer:` — the VIM model, how it is trained, sampled and probed."""
 
-    model: str | TransformerModelConfig = Field(default="tiny", description="preset name or explicit config")
-    train: TrainLoopConfig = Field(default_factory=_transformer_loop)
+    model: str | TransformerArchConfig = Field(
+        default="tiny", description="preset name or explicit architecture"
+    )
+    train: TransformerTrainConfig = Field(default_factory=_transformer_loop)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     rejection: RejectionConfig = Field(default_factory=RejectionConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
@@ -79,8 +87,17 @@ class TransformerSection(StrictModel):
     out_dir: str = "models/transformer"
     checkpoint_dir: str = "checkpoints/transformer"
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _architecture_only(cls, value: object) -> object:
+        # A full model config here would carry a second cfg_dropout beside train's; say where it goes.
+        if isinstance(value, TransformerModelConfig) or (isinstance(value, dict) and "cfg_dropout" in value):
+            raise ValueError("cfg_dropout is a training choice: set it as transformer.train.cfg_dropout")
+        return value
+
     def resolved_model(self) -> TransformerModelConfig:
-        return resolve_model(self.model)
+        """The model to build: the preset or explicit architecture, with train.cfg_dropout."""
+        return resolve_model(self.model).model_copy(update={"cfg_dropout": self.train.cfg_dropout})
 
 
 class ClassifierConfig(StrictModel):
