@@ -7,7 +7,6 @@ from vim_core.config.schedule import PAPER_TOKENIZER_SCHEDULE, PAPER_VIM_SCHEDUL
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
 from vim_core.config.training import TrainLoopConfig, TransformerTrainConfig
 from vim_core.config.transformer import (
-    RejectionConfig,
     SamplingConfig,
     TransformerArchConfig,
     TransformerModelConfig,
@@ -74,14 +73,13 @@ class ProbeConfig(StrictModel):
 
 
 class TransformerSection(StrictModel):
-    """`transformer:` — the VIM model, how it is trained, sampled and probed."""
+    """`transformer:` — the VIM model, how it is trained, sampled and probed (rejection: see `evaluate:`)."""
 
     model: str | TransformerArchConfig = Field(
         default="tiny", description="preset name or explicit architecture"
     )
     train: TransformerTrainConfig = Field(default_factory=_transformer_loop)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    rejection: RejectionConfig = Field(default_factory=RejectionConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     tokens_dir: str = "data/tokens"
     out_dir: str = "models/transformer"

@@ -1,4 +1,5 @@
-"""The model and sampling parts of the `transformer:` section: VIM presets, sampling and rejection knobs."""
+"""The model and sampling parts of the `transformer:` section (VIM presets, sampling knobs), and how
+rejection sampling selects (evaluate.acceptance_rate sets its rate)."""
 
 from typing import Literal
 
