@@ -1,5 +1,5 @@
 """LR schedules and the small training-step pieces of vim_core.train.loop (EMA, finiteness, clipping,
-AMP, seeding, resumable data, devices)."""
+AMP, seeding, resumable data)."""
 
 import math
 import random
@@ -25,7 +25,6 @@ from vim_core.train.loop import (
     autocast_context,
     check_finite,
     clip_grad,
-    device_from_flag,
     resumable_batches,
     set_seed,
 )
@@ -172,22 +171,12 @@ def test_clip_grad_returns_norm_before_clipping():
     assert w.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_autocast_and_device_flags():
+def test_autocast_flags():
     lin = nn.Linear(4, 4)
     with autocast_context("cpu", bf16=True):
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
     with autocast_context(torch.device("cpu"), bf16=False):
         assert lin(torch.randn(2, 4)).dtype == torch.float32
-    assert device_from_flag("cpu") == torch.device("cpu")
-    with pytest.raises(VimError, match="device must be"):
-        device_from_flag("tpu")
-    if torch.cuda.is_available():
-        assert device_from_flag("auto").type == "cuda"
-        assert torch.get_float32_matmul_precision() == "high"
-    else:
-        assert device_from_flag("auto") == torch.device("cpu")
-        with pytest.raises(VimError, match="no CUDA device"):
-            device_from_flag("cuda")
 
 
 def test_set_seed_reproduces_all_rngs():
