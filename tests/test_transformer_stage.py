@@ -26,6 +26,9 @@ from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer
 
+REPO = Path(__file__).resolve().parents[1]
+# The CLI runs in a temp dir: PYTHONPATH makes it import this checkout, not whichever one pip installed.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 MICRO_VIM = {"layers": 2, "heads": 2, "dim": 32, "mlp_dim": 64, "num_classes": 10, "dropout": 0.0}
 
 
@@ -102,7 +105,7 @@ def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=CLI_ENV,
     )
 
 
@@ -133,7 +136,7 @@ def test_resume_after_sigkill(stage2, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vim_core.cli", *args],
         cwd=work,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=CLI_ENV,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
