@@ -132,7 +132,8 @@ def tokenizer_bench(args, device: torch.device) -> dict:
 
 def transformer_bench(args, device: torch.device) -> dict:
     if args.smoke:
-        cfg = resolve_model("tiny").model_copy(update={"num_classes": 10})
+        # As params.yaml trains it, label dropout included.
+        cfg = resolve_model("tiny").model_copy(update={"num_classes": 10, "cfg_dropout": 0.1})
         vocab, grid = 64, 8
     else:
         cfg = resolve_model("vim-base")

@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from vim_core.config import ConfigError, apply_overrides, load_params
-from vim_core.config.transformer import resolve_model
+from vim_core.config.transformer import resolve_arch
 from vim_core.data.shards import load_split
 from vim_core.errors import VimError
 from vim_core.eval.probe import extract_features, probe_with_config
 from vim_core.train.transformer_trainer import train_transformer
 
-# Overrides of transformer.model per variant: how much of training sees the null class.
+# Per variant, overrides of transformer.model and .train: how much of training sees the null class.
 VARIANTS = {
     "default": {},
-    "cfg_dropout_0.5": {"cfg_dropout": 0.5},
-    "unconditional": {"num_classes": 0},
+    "cfg_dropout_0.5": {"train": {"cfg_dropout": 0.5}},
+    "unconditional": {"model": {"num_classes": 0}},
 }
 
 
@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         params = load_params(args.params)
-        # An explicit model config, so --set transformer.model.<field>=... works on a preset too.
-        params.transformer.model = resolve_model(params.transformer.model)
+        # An explicit architecture, so --set transformer.model.<field>=... works on a preset too.
+        params.transformer.model = resolve_arch(params.transformer.model)
         params = apply_overrides(params, args.set)
     except ConfigError as err:
         parser.error(str(err))
@@ -86,7 +86,8 @@ def run(params, args, tmp: Path) -> None:
         if args.only and name not in args.only:
             continue
         cfg = tcfg.model_copy(deep=True)
-        cfg.model = cfg.model.model_copy(update=change)
+        cfg.model = cfg.model.model_copy(update=change.get("model", {}))
+        cfg.train = cfg.train.model_copy(update=change.get("train", {}))
         cfg.train.resume = "never"
         cfg.out_dir = str(tmp / name / "model")
         cfg.checkpoint_dir = str(tmp / name / "checkpoints")
@@ -100,7 +101,7 @@ def run(params, args, tmp: Path) -> None:
             json.dumps(
                 {
                     "variant": name,
-                    "model": cfg.model.model_dump(mode="json"),
+                    "model": cfg.resolved_model().model_dump(mode="json"),
                     "val_bits_per_token": trained.metrics["val_bits_per_token"],
                     "steps": trained.metrics["steps"],
                     "train_seconds": trained.metrics["train_seconds"],

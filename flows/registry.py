@@ -11,8 +11,6 @@ extractor, seed). Otherwise the metrics are not comparable, the comparison is re
 stays. Metrics are read from the first name in `names` (all versions of a bundle carry the same ones).
 """
 
-import hashlib
-import json
 import logging
 import math
 
@@ -29,12 +27,6 @@ EVAL_HASH_TAG = "vim.eval_config_hash"
 BUNDLE_TAG = "vim.bundle"
 RUN_TAG = "vim.source_run"
 DECISION_TAG = "vim.promotion"
-
-
-def eval_config_hash(config: dict) -> str:
-    """A short, order-independent hash of the evaluation settings that decide what a metric means."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def champion_uri(name: str) -> str:
@@ -61,8 +53,9 @@ def register_challenger(
 ) -> str:
     """Register `model_uri` as a new version of `name`, tag it with its eval metrics, alias it challenger.
 
-    `eval_hash` is eval_config_hash() of the evaluation that produced `metrics`. `bundle` defaults to the
-    parent (pipeline) run of `run_id`, so the versions registered by one pipeline run form one set.
+    `eval_hash` is vim_core.eval.report.eval_config_hash() of the evaluation that produced `metrics`.
+    `bundle` defaults to the parent (pipeline) run of `run_id`, so the versions registered by one pipeline
+    run form one set.
     Returns the version number as a string.
     """
     import mlflow

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from vim_core.config.schedule import CosineSchedule
 from vim_core.train import checkpoint as ckpt
 from vim_core.train import distributed as vdist
 from vim_core.train.loop import EMA, check_finite, clip_grad, resumable_batches, set_seed
-from vim_core.train.schedule import CosineSchedule, make_scheduler
+from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import JsonlTracker, NullTracker
 
 N_SAMPLES, N_IN, N_OUT = 96, 8, 2

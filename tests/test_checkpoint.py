@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vim_core.config.schedule import CosineSchedule
 from vim_core.errors import VimError
 from vim_core.train import checkpoint as ckpt
 from vim_core.train.loop import EMA
-from vim_core.train.schedule import CosineSchedule, make_scheduler
+from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from vim_core.config import ConfigError, apply_overrides, load_params, parse_params
+from vim_core.config.transformer import PRESETS, TransformerModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +123,34 @@ def test_paper_config_is_valid_and_holds_the_papers_recipe():
     assert (tok.train.steps, tok.train.batch_size, tok.train.schedule.peak_lr) == (500_000, 256, 1e-4)
     assert (vim.resolved_model().layers, vim.resolved_model().dim, vim.train.steps) == (24, 1536, 450_000)
     assert vim.train.schedule.peak_lr == 4.5e-4 and vim.probe.block == 10
+    assert vim.model == "vim-base" and vim.resolved_model().cfg_dropout == 0.0  # the paper: no label dropout
+
+
+def test_label_dropout_is_a_training_choice_not_a_preset_default():
+    # The embedded default trains exactly the model it trained before the knob moved to train.
+    vim = load_params(REPO / "params.yaml").transformer
+    assert vim.model == "tiny" and vim.train.cfg_dropout == 0.1
+    assert vim.resolved_model() == TransformerModelConfig(
+        layers=4, heads=4, dim=192, mlp_dim=768, dropout=0.0, num_classes=10, cfg_dropout=0.1
+    )
+    # Presets name shapes only; a section that does not say gets the paper's choice, none.
+    assert all("cfg_dropout" not in type(p).model_fields for p in PRESETS.values())
+    assert (
+        parse_params({"transformer": {"model": "vim-base"}}).transformer.resolved_model().cfg_dropout == 0.0
+    )
+    explicit = {"layers": 2, "heads": 2, "dim": 32, "mlp_dim": 64, "num_classes": 10}
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["transformer"]["model"], raw["transformer"]["train"]["cfg_dropout"] = explicit, 0.3
+    assert parse_params(raw).transformer.resolved_model().cfg_dropout == 0.3
+    # Naming it under model is refused with a pointer, one line with the key path.
+    with pytest.raises(ConfigError) as err:
+        parse_params({"transformer": {"model": {**explicit, "cfg_dropout": 0.3}}})
+    assert err.value.lines == [
+        "params.yaml: transformer.model = {...}: cfg_dropout is a training choice: "
+        "set it as transformer.train.cfg_dropout"
+    ]
+    # An explicit architecture survives the --set round trip (model_dump, then validate again).
+    out = apply_overrides(
+        parse_params(raw), ["transformer.model.layers=3", "transformer.train.cfg_dropout=0.5"]
+    )
+    assert (out.transformer.resolved_model().layers, out.transformer.resolved_model().cfg_dropout) == (3, 0.5)

@@ -78,6 +78,7 @@ def ddp_params(tmp: Path, run: str) -> dict:
             "train": {
                 **TRAIN,
                 "ema_decay": 0.9,
+                "cfg_dropout": 0.1,  # label dropout draws random numbers: they must agree across ranks
                 "schedule": {
                     "kind": "exponential",
                     "peak_lr": 3e-3,

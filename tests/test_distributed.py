@@ -15,6 +15,7 @@ from torch import nn
 
 from vim_core.errors import VimError
 from vim_core.train import distributed as vdist
+from vim_core.train.loop import enable_tf32
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "helpers_train_toy.py"
@@ -59,6 +60,27 @@ def test_bad_launch_env_is_one_line(monkeypatch):
         vdist.init_distributed("cpu")
     with pytest.raises(VimError, match="device must be"):
         vdist.init_distributed("gpu")
+
+
+def test_device_flag_picks_the_device_or_says_why_not(monkeypatch):
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert vdist.init_distributed("cpu").device == torch.device("cpu")
+    with pytest.raises(VimError, match="device must be auto, cpu or cuda, got 'tpu'"):
+        vdist.init_distributed("tpu")
+    precision = torch.get_float32_matmul_precision()
+    if torch.cuda.is_available():
+        device = vdist.init_distributed("auto").device
+        assert device == torch.device("cuda", 0) == vdist.init_distributed("cuda").device
+        enable_tf32(device)
+        assert torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision(precision)
+    else:
+        assert vdist.init_distributed("auto").device == torch.device("cpu")
+        with pytest.raises(VimError, match="device=cuda was requested but torch sees no CUDA device"):
+            vdist.init_distributed("cuda")
+        enable_tf32(torch.device("cpu"))  # a no-op off CUDA
+        assert torch.get_float32_matmul_precision() == precision
 
 
 def _free_port() -> int:

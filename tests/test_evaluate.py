@@ -1,13 +1,16 @@
 """The evaluate step end to end on a micro pipeline over real MNIST digits."""
 
+import hashlib
 import json
 
 import pytest
 from PIL import Image
 
 from tests.test_transformer_stage import stage2, stage2_params  # noqa: F401  (module fixture)
-from vim_core.config import parse_params
-from vim_core.eval.report import evaluate
+from vim_core.config import apply_overrides, parse_params
+from vim_core.data.prepare import prepare
+from vim_core.eval.report import eval_config_hash, eval_config_spec, evaluate
+from vim_core.io import spec_hash
 from vim_core.train.transformer_trainer import train_transformer
 
 
@@ -76,3 +79,24 @@ def test_classifier_is_reused_when_nothing_changed(eval_params, tmp_path):
     second = evaluate(eval_params, plots_dir=tmp_path)
     assert "classifier" not in second["timings_seconds"]
     assert second["fid_domain"] == first["fid_domain"]  # same seed, same models: the same numbers
+
+
+def test_spec_hash_ignores_key_order_and_keeps_the_recorded_form():
+    assert spec_hash({"a": 1, "b": 2}) == spec_hash({"b": 2, "a": 1}) != spec_hash({"a": 2})
+    spec = {"evaluate": {"seed": 0, "num_samples": 1000}, "test_data": "abc", "sampling": {"top_k": None}}
+    # eval.json files and registry tags hold hashes of this form: it must not drift.
+    assert spec_hash(spec) == hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_eval_config_hash_changes_with_what_a_metric_means_only(tmp_path):
+    raw = stage2_params(tmp_path)
+    raw["data"]["max_images"] = 200
+    params = parse_params(raw)
+    prepare(params.data)
+    spec = eval_config_spec(params)
+    assert spec["test_data"] and eval_config_hash(params) == spec_hash(spec)
+    moved = params.model_copy(deep=True)
+    moved.evaluate.classifier_dir, moved.evaluate.weights_dir = "elsewhere", "s3://other/weights"
+    assert eval_config_hash(moved) == eval_config_hash(params)  # where files live changes no metric
+    for change in ("evaluate.num_samples=41", "transformer.sampling.temperature=0.9", "evaluate.seed=3"):
+        assert eval_config_hash(apply_overrides(params, [change])) != eval_config_hash(params), change

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -7,7 +5,6 @@ from vim_core.config.transformer import RejectionConfig, SamplingConfig, Transfo
 from vim_core.errors import VimError
 from vim_core.transformer import (
     VIM,
-    rejection_sample,
     sample,
     sample_logits,
     select_by_score,
@@ -126,30 +123,3 @@ def test_threshold_keeps_scores_at_or_above_it():
     scores = torch.tensor([0.9, 0.1, 0.5, 0.49])
     keep = select_by_score(scores, torch.zeros(4, dtype=torch.long), RejectionConfig(mode="threshold"))
     assert keep.tolist() == [True, False, True, False]
-
-
-def test_rejection_sample_scores_the_requested_class():
-    m = model()
-
-    def score_fn(tokens):
-        # A stand-in classifier: class c's probability is the share of tokens congruent to c mod 4.
-        counts = torch.stack([(tokens % 4 == c).float().mean(1) for c in range(4)], 1)
-        return counts / counts.sum(1, keepdim=True)
-
-    labels = [0, 1, 2, 3] * 4
-    res = rejection_sample(m, 16, score_fn, labels, RejectionConfig(acceptance_rate=0.5), seed=0)
-    assert res.stats["candidates"] == 16 and res.stats["kept"] == 8 == len(res.tokens)
-    assert res.stats["acceptance"] == 0.5
-    assert sorted(res.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
-    all_tokens = sample(m, 16, labels, seed=0)
-    all_scores = score_fn(all_tokens)[torch.arange(16), torch.tensor(labels)]
-    assert res.stats["mean_score_kept"] >= res.stats["mean_score_all"]
-    assert math.isclose(res.stats["mean_score_all"], all_scores.mean().item(), rel_tol=1e-6)
-    for tok, lab, score in zip(res.tokens, res.labels, res.scores, strict=True):
-        same = all_scores[torch.tensor(labels) == lab]
-        assert score >= same.median() - 1e-6
-        assert score == pytest.approx(score_fn(tok[None])[0, lab].item())
-
-    res = rejection_sample(m, 16, score_fn, labels, RejectionConfig(mode="threshold", threshold=0.3), seed=0)
-    assert (res.scores >= 0.3).all()
-    assert res.stats["kept"] == int((all_scores >= 0.3).sum())

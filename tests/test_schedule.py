@@ -1,5 +1,5 @@
 """LR schedules and the small training-step pieces of vim_core.train.loop (EMA, finiteness, clipping,
-AMP, seeding, resumable data, devices)."""
+AMP, seeding, resumable data)."""
 
 import math
 import random
@@ -11,25 +11,24 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from vim_core.config.pipeline import TokenizerSection, TransformerSection
+from vim_core.config.schedule import (
+    PAPER_TOKENIZER_SCHEDULE,
+    PAPER_VIM_SCHEDULE,
+    CosineSchedule,
+    ExponentialSchedule,
+    LRSchedule,
+)
 from vim_core.errors import VimError
 from vim_core.train.loop import (
     EMA,
     autocast_context,
     check_finite,
     clip_grad,
-    device_from_flag,
     resumable_batches,
     set_seed,
 )
-from vim_core.train.schedule import (
-    PAPER_TOKENIZER_SCHEDULE,
-    PAPER_VIM_SCHEDULE,
-    CosineSchedule,
-    ExponentialSchedule,
-    LRSchedule,
-    lr_multiplier,
-    make_scheduler,
-)
+from vim_core.train.schedule import lr_multiplier, make_scheduler
 
 # ---------------------------------------------------------------- schedules
 
@@ -101,6 +100,14 @@ def test_schedule_validation():
     assert TypeAdapter(LRSchedule).validate_python({"kind": "cosine"}) == PAPER_TOKENIZER_SCHEDULE
 
 
+def test_pipeline_defaults_are_the_paper_schedules_and_do_not_share_them():
+    tok, vim = TokenizerSection(), TransformerSection()
+    assert tok.train.schedule == PAPER_TOKENIZER_SCHEDULE and vim.train.schedule == PAPER_VIM_SCHEDULE
+    assert (tok.train.steps, vim.train.steps) == (500_000, 450_000)
+    tok.train.schedule.peak_lr = 3e-4  # a copy: the constant and the next default stay the paper's
+    assert PAPER_TOKENIZER_SCHEDULE.peak_lr == 1e-4 and TokenizerSection().train.schedule.peak_lr == 1e-4
+
+
 def test_no_warmup_starts_at_peak():
     s = CosineSchedule(peak_lr=1.0, final_lr=0.0, warmup_steps=0)
     assert (
@@ -164,22 +171,12 @@ def test_clip_grad_returns_norm_before_clipping():
     assert w.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_autocast_and_device_flags():
+def test_autocast_flags():
     lin = nn.Linear(4, 4)
     with autocast_context("cpu", bf16=True):
         assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
     with autocast_context(torch.device("cpu"), bf16=False):
         assert lin(torch.randn(2, 4)).dtype == torch.float32
-    assert device_from_flag("cpu") == torch.device("cpu")
-    with pytest.raises(VimError, match="device must be"):
-        device_from_flag("tpu")
-    if torch.cuda.is_available():
-        assert device_from_flag("auto").type == "cuda"
-        assert torch.get_float32_matmul_precision() == "high"
-    else:
-        assert device_from_flag("auto") == torch.device("cpu")
-        with pytest.raises(VimError, match="no CUDA device"):
-            device_from_flag("cuda")
 
 
 def test_set_seed_reproduces_all_rngs():

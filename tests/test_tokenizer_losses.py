@@ -13,12 +13,12 @@ from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, mini
 from vim_core.tokenizer.losses import (
     build_perceptual_loss,
     l2_loss,
-    laplace_mean_image,
     logit_laplace_nll,
     reconstruction_losses,
     to_laplace_space,
 )
 from vim_core.tokenizer.lpips import _CHANNELS, LPIPS, LPIPS_FILE, VGG16_FILE
+from vim_core.tokenizer.model import laplace_mean_image
 
 
 def test_discriminator_shape_and_r1():
@@ -70,6 +70,46 @@ def test_logit_laplace_nll_formula_and_minimum():
     # A sharper scale pays off only where the mean is right.
     assert logit_laplace_nll(best_loc, zero - 1, target) < logit_laplace_nll(best_loc, zero, target)
     torch.testing.assert_close(laplace_mean_image(best_loc), target)
+
+
+def test_laplace_mean_image_clamps_forward_but_passes_the_l2_gradient():
+    # sigmoid(-3) = 0.047 is below eps = 0.1, so the mean image is clamped to black; the target is grey.
+    loc = torch.full((1, 1, 2, 2), -3.0, requires_grad=True)
+    target = torch.zeros(1, 1, 2, 2)
+    image = laplace_mean_image(loc)
+    assert torch.equal(image, torch.full_like(target, -1.0))
+    l2_loss(image, target).backward()
+    assert (loc.grad < 0).all()  # descent raises loc toward grey; a hard clamp gave exactly 0 here
+    # In range the straight-through clamp changes nothing: same value and gradient as the plain formula.
+    inside = torch.linspace(-2.0, 2.0, 9, requires_grad=True)
+    laplace_mean_image(inside).sum().backward()
+    plain = inside.detach().clone().requires_grad_(True)
+    ((torch.sigmoid(plain) - 0.1) / 0.8 * 2 - 1).sum().backward()
+    torch.testing.assert_close(laplace_mean_image(inside), (torch.sigmoid(plain) - 0.1) / 0.8 * 2 - 1)
+    torch.testing.assert_close(inside.grad, plain.grad)
+
+
+class _Shift(torch.nn.Module):
+    def __init__(self, by: float):
+        super().__init__()
+        self.by = by
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.by
+
+
+def test_saturated_logit_laplace_decoder_still_learns_from_l2():
+    torch.manual_seed(0)
+    model = build_tokenizer(
+        TokenizerModelConfig(logit_laplace=True, codebook_size=16), image_size=16, channels=1
+    )
+    model.decoder = torch.nn.Sequential(model.decoder, _Shift(-10.0))  # every loc far below -2.2
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = model(x)
+    assert torch.equal(out.recon, torch.full_like(x, -1.0))  # every pixel clamped
+    reconstruction_losses(out, x, LossConfig(l2_weight=1.0))["l2"].backward()
+    decoder_grad = sum(p.grad.abs().sum() for p in model.decoder.parameters() if p.grad is not None)
+    assert decoder_grad > 0
 
 
 def test_reconstruction_losses_weights_terms():

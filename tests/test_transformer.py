@@ -30,6 +30,7 @@ def test_paper_presets_match_reported_size(name, paper_params):
         model = VIM(name, 8192, 32)
     assert model.num_params() == pytest.approx(paper_params, rel=0.12)
     assert PRESETS[name].dropout == 0.1
+    assert resolve_model(name).cfg_dropout == 0.0  # presets are shapes; label dropout is set in train
 
 
 @pytest.mark.parametrize("num_classes", [0, 5])

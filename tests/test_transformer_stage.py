@@ -17,6 +17,9 @@ from vim_core.tokenizer.model import load_tokenizer, to_model_range
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer
 
+REPO = Path(__file__).resolve().parents[1]
+# The CLI runs in a temp dir: PYTHONPATH makes it import this checkout, not whichever one pip installed.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 MICRO_VIM = {"layers": 2, "heads": 2, "dim": 32, "mlp_dim": 64, "num_classes": 10, "dropout": 0.0}
 
 
@@ -31,6 +34,7 @@ def stage2_params(tmp: Path, steps: int = 10, **train) -> dict:
             "checkpoint_every": 4,
             "threads": 1,
             "log_every": 1,
+            "cfg_dropout": 0.1,  # the embedded default's label dropout
             "schedule": {
                 "kind": "exponential",
                 "peak_lr": 3e-3,
@@ -82,7 +86,7 @@ def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=CLI_ENV,
     )
 
 

@@ -1,6 +1,7 @@
-"""fsspec helpers: open any URL, write atomically, and find weights files by checksum."""
+"""fsspec helpers: open any URL, write atomically, find weights files by checksum, hash specs."""
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,15 @@ def atomic_write_text(final: str | Path, text: str) -> None:
     atomic_write_bytes(final, text.encode())
 
 
+def spec_hash(spec: dict, length: int = 16) -> str:
+    """Short sha256 of a JSON-able spec, independent of key order.
+
+    The one place config hashes are made: eval.json and the registry's tags hold hashes of this exact
+    form (json.dumps with sorted keys and default separators), so it must not change.
+    """
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:length]
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,8 +102,6 @@ def find_weights(weights_dir: str, filename: str, sha256_prefix: str | None, pur
 
 def save_safetensors_with_spec(state: dict, spec: dict, fmt: str, path: str) -> None:
     """Weights plus the JSON spec needed to rebuild the model, in one safetensors file, written atomically."""
-    import json
-
     import safetensors.torch
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -108,8 +116,6 @@ def save_safetensors_with_spec(state: dict, spec: dict, fmt: str, path: str) -> 
 
 def load_safetensors_with_spec(path: str, fmt: str, what: str) -> tuple[dict, dict]:
     """(state, spec) from a file written by save_safetensors_with_spec; any damage is a one-line VimError."""
-    import json
-
     import safetensors.torch
 
     fs, fpath = url_fs(path)

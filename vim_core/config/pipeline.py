@@ -1,22 +1,27 @@
 """The per-stage sections of params.yaml, composed from the model, loss and loop configs."""
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vim_core.config.base import StrictModel
+from vim_core.config.schedule import PAPER_TOKENIZER_SCHEDULE, PAPER_VIM_SCHEDULE
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
-from vim_core.config.training import TrainLoopConfig
-from vim_core.config.transformer import RejectionConfig, SamplingConfig, TransformerModelConfig, resolve_model
-from vim_core.train.schedule import CosineSchedule, ExponentialSchedule
+from vim_core.config.training import TrainLoopConfig, TransformerTrainConfig
+from vim_core.config.transformer import (
+    SamplingConfig,
+    TransformerArchConfig,
+    TransformerModelConfig,
+    resolve_model,
+)
 
 
 def _tokenizer_loop() -> TrainLoopConfig:
-    # Paper: Adam(0.9, 0.99), wd 1e-4, warmup to 1e-4 over 50k then cosine to 5e-5, 500k steps at batch 256.
+    # Paper: Adam(0.9, 0.99), wd 1e-4, 500k steps at batch 256, the paper's tokenizer lr schedule.
     return TrainLoopConfig(
         steps=500_000,
         batch_size=256,
         betas=(0.9, 0.99),
         weight_decay=1e-4,
-        schedule=CosineSchedule(peak_lr=1e-4, final_lr=5e-5, warmup_steps=50_000),
+        schedule=PAPER_TOKENIZER_SCHEDULE.model_copy(),
     )
 
 
@@ -37,14 +42,14 @@ class TokenizerSection(StrictModel):
     checkpoint_dir: str = "checkpoints/tokenizer"
 
 
-def _transformer_loop() -> TrainLoopConfig:
-    # Paper: Adam(0.9, 0.96), warmup 5k to 4.5e-4, exponential decay to 1e-5 from step 80k, batch 1024, 450k.
-    return TrainLoopConfig(
+def _transformer_loop() -> TransformerTrainConfig:
+    # Paper: Adam(0.9, 0.96), batch 1024, 450k steps, the paper's VIM lr schedule, no label dropout.
+    return TransformerTrainConfig(
         steps=450_000,
         batch_size=1024,
         betas=(0.9, 0.96),
         weight_decay=0.01,
-        schedule=ExponentialSchedule(peak_lr=4.5e-4, final_lr=1e-5, warmup_steps=5_000, decay_start=80_000),
+        schedule=PAPER_VIM_SCHEDULE.model_copy(),
     )
 
 
@@ -68,19 +73,29 @@ class ProbeConfig(StrictModel):
 
 
 class TransformerSection(StrictModel):
-    """`transformer:` — the VIM model, how it is trained, sampled and probed."""
+    """`transformer:` — the VIM model, how it is trained, sampled and probed (rejection: see `evaluate:`)."""
 
-    model: str | TransformerModelConfig = Field(default="tiny", description="preset name or explicit config")
-    train: TrainLoopConfig = Field(default_factory=_transformer_loop)
+    model: str | TransformerArchConfig = Field(
+        default="tiny", description="preset name or explicit architecture"
+    )
+    train: TransformerTrainConfig = Field(default_factory=_transformer_loop)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    rejection: RejectionConfig = Field(default_factory=RejectionConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     tokens_dir: str = "data/tokens"
     out_dir: str = "models/transformer"
     checkpoint_dir: str = "checkpoints/transformer"
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _architecture_only(cls, value: object) -> object:
+        # A full model config here would carry a second cfg_dropout beside train's; say where it goes.
+        if isinstance(value, TransformerModelConfig) or (isinstance(value, dict) and "cfg_dropout" in value):
+            raise ValueError("cfg_dropout is a training choice: set it as transformer.train.cfg_dropout")
+        return value
+
     def resolved_model(self) -> TransformerModelConfig:
-        return resolve_model(self.model)
+        """The model to build: the preset or explicit architecture, with train.cfg_dropout."""
+        return resolve_model(self.model).model_copy(update={"cfg_dropout": self.train.cfg_dropout})
 
 
 class ClassifierConfig(StrictModel):

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from vim_core.config.base import StrictModel
-from vim_core.train.schedule import CosineSchedule, LRSchedule
+from vim_core.config.schedule import CosineSchedule, LRSchedule
 
 
 class TrainLoopConfig(StrictModel):
@@ -52,3 +52,15 @@ class TrainLoopConfig(StrictModel):
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas {self.betas} must lie in [0, 1)")
         return self
+
+
+class TransformerTrainConfig(TrainLoopConfig):
+    """The shared loop plus VIM's one training-only knob, label dropout, which presets do not carry."""
+
+    cfg_dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="probability of training on the null class instead of the label, so classifier-free "
+        "guidance can be used (paper: 0, no label dropout)",
+    )

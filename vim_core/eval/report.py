@@ -1,7 +1,5 @@
 """The evaluate step: every number the paper reports, on our data, each with how it was computed."""
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from vim_core.eval.classifier import (
 from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_features, probe_with_config
 from vim_core.eval.ssim import ssim
+from vim_core.io import spec_hash
 from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range, to_uint8
 from vim_core.train.tracking import save_image
@@ -32,15 +31,22 @@ from vim_core.transformer.sampling import sample, select_by_score
 log = logging.getLogger(__name__)
 
 
-def eval_config_hash(params: Params) -> str:
-    """Two models are comparable only if this matches: same eval settings, same test data."""
-    manifest = read_manifest(params.data.out_dir)
-    spec = {
+def eval_config_spec(params: Params) -> dict:
+    """What decides what an eval metric means: the eval and sampling settings (not where files live) and
+    the version of the test data."""
+    return {
         "evaluate": params.evaluate.model_dump(mode="json", exclude={"classifier_dir", "weights_dir"}),
-        "test_data": manifest.get("version"),
+        "test_data": read_manifest(params.data.out_dir).get("version"),
         "sampling": params.transformer.sampling.model_dump(mode="json"),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_config_hash(params: Params) -> str:
+    """Two models are comparable only if this matches: same eval settings, same test data.
+
+    eval.json records it and the registry's `vim.eval_config_hash` tags carry it; promotion compares them.
+    """
+    return spec_hash(eval_config_spec(params))
 
 
 @torch.inference_mode()

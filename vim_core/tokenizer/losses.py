@@ -1,20 +1,13 @@
 """Reconstruction losses: L2, logit-Laplace likelihood, and the LPIPS perceptual loss."""
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from vim_core.config.tokenizer import LossConfig
 from vim_core.tokenizer.lpips import LPIPS
-
-if TYPE_CHECKING:
-    from vim_core.tokenizer.model import TokenizerOutput
-
-# Pixels are squeezed from [0, 1] into [eps, 1 - eps] before the logit, as in DALL-E, so the logit
-# (and so the likelihood) stays finite at pure black and white.
-LAPLACE_EPS = 0.1
+from vim_core.tokenizer.model import LAPLACE_EPS, TokenizerOutput
 
 
 def l2_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -24,12 +17,6 @@ def l2_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def to_laplace_space(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] model-range pixels -> [eps, 1 - eps]."""
     return (x.float() + 1) / 2 * (1 - 2 * LAPLACE_EPS) + LAPLACE_EPS
-
-
-def laplace_mean_image(loc: torch.Tensor) -> torch.Tensor:
-    """The image a logit-Laplace decoder means: sigmoid(loc), un-squeezed and mapped back to [-1, 1]."""
-    x01 = ((torch.sigmoid(loc) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS)).clamp(0, 1)
-    return x01 * 2 - 1
 
 
 def logit_laplace_nll(loc: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,7 +45,7 @@ def build_perceptual_loss(cfg: LossConfig, verify_checksums: bool = True) -> LPI
 
 
 def reconstruction_losses(
-    out: "TokenizerOutput", target: torch.Tensor, cfg: LossConfig, perceptual: LPIPS | None = None
+    out: TokenizerOutput, target: torch.Tensor, cfg: LossConfig, perceptual: LPIPS | None = None
 ) -> dict[str, torch.Tensor]:
     """Weighted generator-side terms (no adversarial term), keyed by name; "total" is their sum."""
     terms = {"vq": out.vq_loss}

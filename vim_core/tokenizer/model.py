@@ -14,11 +14,31 @@ from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.errors import VimError
 from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
 from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
-from vim_core.tokenizer.losses import laplace_mean_image
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
 from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
 
 FORMAT = "vim-tokenizer/1"
+
+# Pixels are squeezed from [0, 1] into [eps, 1 - eps] before the logit, as in DALL-E, so the logit
+# (and so the likelihood) stays finite at pure black and white.
+LAPLACE_EPS = 0.1
+
+
+def laplace_mean_image(loc: torch.Tensor) -> torch.Tensor:
+    """The image a logit-Laplace decoder means: sigmoid(loc), un-squeezed and mapped back to [-1, 1].
+
+    Images fill only [eps, 1 - eps] of sigmoid's range, so the un-squeezed mean leaves [0, 1] wherever
+    |loc| > logit(1 - eps) = 2.2, and is clamped there: the image that is shown, scored and fed to the
+    discriminator stays in pixel range. A plain clamp has derivative 0 outside [0, 1], which would cut
+    the L2, LPIPS and GAN gradients off from every overshooting pixel, leaving only the 0.1-weighted
+    likelihood to pull it back. So the clamp is straight-through: the forward value is exactly the
+    clamped one, the backward pass is the identity. That never moves the clamped image the wrong way
+    (a loss of the clamped value changes monotonically with the unclamped one); at worst it pushes a
+    saturated pixel further out, where sigmoid's own slope fades.
+    """
+    x01 = (torch.sigmoid(loc) - LAPLACE_EPS) / (1 - 2 * LAPLACE_EPS)
+    x01 = x01.clamp(0, 1).detach() + (x01 - x01.detach())  # exactly the clamp forward; identity backward
+    return x01 * 2 - 1
 
 
 @dataclass

@@ -1,8 +1,5 @@
-"""Shared training infrastructure: checkpoints and resume, lr schedules, EMA, safety checks, trackers, DDP."""
+"""Shared training infrastructure: checkpoints and resume, lr schedulers, EMA, safety checks, trackers, DDP."""
 
-# vim_core.config imports schedule.py's models while schedule.py needs vim_core.config.base: load the config
-# package first, so whichever of the two a caller imports first, schedule.py finds StrictModel ready.
-import vim_core.config  # noqa: F401
 from vim_core.train.checkpoint import latest_checkpoint, load_checkpoint, maybe_resume, save_checkpoint
 from vim_core.train.distributed import DistInfo, init_distributed, is_main, unwrap, wrap_ddp
 from vim_core.train.loop import (
@@ -10,29 +7,24 @@ from vim_core.train.loop import (
     autocast_context,
     check_finite,
     clip_grad,
-    device_from_flag,
     maybe_compile,
     progress,
     resumable_batches,
     set_seed,
 )
-from vim_core.train.schedule import CosineSchedule, ExponentialSchedule, LRSchedule, make_scheduler
+from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
 __all__ = [
     "EMA",
-    "CosineSchedule",
     "DistInfo",
-    "ExponentialSchedule",
     "JsonlTracker",
-    "LRSchedule",
     "MultiTracker",
     "NullTracker",
     "Tracker",
     "autocast_context",
     "check_finite",
     "clip_grad",
-    "device_from_flag",
     "init_distributed",
     "is_main",
     "latest_checkpoint",

@@ -5,7 +5,6 @@ import math
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
 
 import numpy as np
 import torch
@@ -127,18 +126,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def device_from_flag(flag: Literal["auto", "cpu", "cuda"], local_rank: int = 0) -> torch.device:
-    """The torch device for a config flag; on CUDA also turns TF32 matmuls on (free speed on Ampere+)."""
-    if flag not in ("auto", "cpu", "cuda"):
-        raise VimError(f"device must be auto, cpu or cuda, got {flag!r}")
-    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise VimError("device=cuda was requested but torch sees no CUDA device; use device=cpu or auto")
-    enable_tf32(torch.device("cuda", local_rank))
-    return torch.device("cuda", local_rank)
 
 
 def enable_tf32(device: torch.device) -> None:

@@ -3,8 +3,6 @@
 from vim_core.transformer.gpt import MLP, VIM, Block, CausalSelfAttention
 from vim_core.transformer.kv_cache import KVCache
 from vim_core.transformer.sampling import (
-    RejectionResult,
-    rejection_sample,
     sample,
     sample_logits,
     select_by_score,
@@ -18,8 +16,6 @@ __all__ = [
     "Block",
     "CausalSelfAttention",
     "KVCache",
-    "RejectionResult",
-    "rejection_sample",
     "sample",
     "sample_logits",
     "select_by_score",

@@ -1,12 +1,12 @@
-"""Drawing token grids from a VIM: temperature, top-k/top-p, classifier-free guidance, rejection.
+"""Drawing token grids from a VIM: temperature, top-k/top-p, classifier-free guidance, and which
+samples a classifier's scores keep (rejection sampling; vim_core.eval.report does the scoring).
 
 Random numbers come from one torch.Generator, one draw per step over the same (n, vocab) shape whether
 or not the KV cache is used, so a seed gives the same tokens in both paths.
 """
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
@@ -176,46 +176,3 @@ def select_by_score(
         best = torch.topk(scores[idx], k).indices
         keep[idx[best]] = True
     return keep
-
-
-@dataclass
-class RejectionResult:
-    tokens: torch.Tensor  # (kept, L)
-    labels: torch.Tensor | None  # (kept,)
-    scores: torch.Tensor  # (kept,) probability of the requested class
-    stats: dict
-
-
-def rejection_sample(
-    model: VIM,
-    n: int,
-    score_fn: Callable[[torch.Tensor], torch.Tensor],
-    labels: int | Sequence[int] | torch.Tensor | None = None,
-    config: RejectionConfig | None = None,
-    **sample_kwargs,
-) -> RejectionResult:
-    """Sample n candidates, score them, keep those that pass.
-
-    score_fn maps tokens (n, L) to class probabilities (n, C) (decode and classify inside it). A
-    conditional model is scored on the requested class; an unconditional one on its top class.
-    """
-    config = config or RejectionConfig()
-    tokens = sample(model, n, labels, **sample_kwargs)
-    label_t = _labels_tensor(model, n, labels, tokens.device) if labels is not None else None
-    with torch.inference_mode():
-        probs = score_fn(tokens).float().to(tokens.device)
-    if probs.shape[0] != n:
-        raise VimError(f"score_fn returned {probs.shape[0]} rows for {n} samples")
-    scores = probs.max(dim=1).values if label_t is None else probs[torch.arange(n), label_t]
-    keep = select_by_score(scores, label_t, config)
-    stats = {
-        "mode": config.mode,
-        "candidates": n,
-        "kept": int(keep.sum()),
-        "acceptance": float(keep.float().mean()) if n else 0.0,
-        "mean_score_all": float(scores.mean()) if n else 0.0,
-        "mean_score_kept": float(scores[keep].mean()) if keep.any() else 0.0,
-        "min_score_kept": float(scores[keep].min()) if keep.any() else 0.0,
-    }
-    kept_labels = label_t[keep] if label_t is not None else None
-    return RejectionResult(tokens[keep], kept_labels, scores[keep], stats)
