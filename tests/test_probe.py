@@ -102,3 +102,44 @@ def test_weight_decay_is_picked_on_held_out_train_rows(mnist):
     )
     assert scrambled["weight_decay"] == res["weight_decay"]
     assert scrambled["val_accuracy_by_weight_decay"] == val
+
+
+def _block_features(x: np.ndarray) -> torch.Tensor:
+    """Three 'blocks' of real digit features: noise, the pixels, and the pixels under heavy noise."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255)
+    return torch.stack(
+        [torch.randn(pixels.shape, generator=g), pixels, pixels + 3 * torch.randn(pixels.shape, generator=g)]
+    )
+
+
+def test_block_is_picked_on_held_out_train_rows_never_the_test_split(mnist):
+    from vim_core.config.pipeline import ProbeConfig
+    from vim_core.eval.probe import probe_blocks
+
+    x, y = mnist
+    cfg = ProbeConfig(epochs=40, weight_decays=[1e-3, 1e-1], val_fraction=0.25)
+    train, test = _block_features(x[:400]), _block_features(x[400:])
+    res = probe_blocks(cfg, train, y[:400], test, y[400:], 10)
+    assert res["block"] == 1 and len(res["test_accuracy_by_block"]) == 3
+    assert res["test_accuracy_by_block"][1] > 0.6 > res["test_accuracy_by_block"][0]
+    assert res["accuracy"] == pytest.approx(res["test_accuracy_by_block"][1], abs=1e-4)
+    # Test features swapped so that block 2 looks best on test: the choice does not move.
+    swapped = probe_blocks(cfg, train, y[:400], test[[0, 2, 1]], y[400:], 10)
+    assert swapped["test_accuracy_by_block"][2] > swapped["test_accuracy_by_block"][1]
+    assert swapped["block"] == 1 and swapped["val_accuracy_by_block"] == res["val_accuracy_by_block"]
+    # A fixed block (0-based) is honoured, and one past the last is a one-line error.
+    assert probe_blocks(cfg.model_copy(update={"block": 2}), train, y[:400], test, y[400:], 10)["block"] == 2
+    with pytest.raises(VimError, match="block 3 is out of range for 3 blocks"):
+        probe_blocks(cfg.model_copy(update={"block": 3}), train, y[:400], test, y[400:], 10)
+
+
+def test_block_features_match_per_block_extraction(mnist):
+    from vim_core.eval.probe import extract_block_features
+
+    m = tiny_vim(num_classes=10)
+    tokens = patch_tokens(mnist[0][:40])
+    every = extract_block_features(m, tokens, batch_size=16)
+    assert every.shape == (2, 40, 64)
+    for b in range(2):
+        assert torch.allclose(every[b], extract_features(m, tokens, block=b), atol=1e-6)

@@ -56,7 +56,12 @@ def _transformer_loop() -> TransformerTrainConfig:
 class ProbeConfig(StrictModel):
     """Linear probe on average-pooled features of one block (paper: VIM-B block 10 of 24, VIM-L 15 of 36)."""
 
-    block: int | None = Field(default=None, ge=0, description="0-based; None: the middle block")
+    block: int | None = Field(
+        default=None,
+        ge=0,
+        description="0-based (0 is the first block); None: the block with the best accuracy on the held-out "
+        "train rows (never the test split). Every block is probed either way, for the curve over depth.",
+    )
     epochs: int = Field(default=100, ge=1, description="L-BFGS iterations")
     weight_decays: list[float] = Field(
         default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2],

@@ -43,6 +43,31 @@ def extract_features(
     return torch.cat(out)
 
 
+def extract_block_features(
+    model: VIM,
+    tokens: torch.Tensor | np.ndarray,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """extract_features() of every block at once: (layers, N, dim) float32 on CPU; the null class for a
+    conditional model, as for probing."""
+    device = torch.device(device) if device is not None else model.head.weight.device
+    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).long()
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for lo in range(0, len(tokens), batch_size):
+                feats = model.block_features(tokens[lo : lo + batch_size].to(device))
+                out.append(torch.stack(feats).float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(model.cfg.layers, 0, model.cfg.dim)
+    return torch.cat(out, dim=1)
+
+
 def _as_float(x) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x.detach().cpu())
     return x.reshape(len(x), -1).double()
@@ -140,24 +165,27 @@ def select_and_probe(
     train_y = np.asarray(train_y).reshape(-1)
     n = len(train_y)
     n_val = int(round(n * val_fraction))
-    if len(weight_decays) > 1 and not 0 < n_val < n:
+    if not 0 < n_val < n:
         raise VimError(f"probe: val_fraction {val_fraction} leaves no validation or fit rows of {n}")
     scores: dict[float, float] = {}
-    if len(weight_decays) > 1:
-        order = np.random.default_rng(seed).permutation(n)
-        val, fit = order[:n_val], order[n_val:]
-        tx = train_x[fit] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(fit)]
-        vx = train_x[val] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(val)]
-        for wd in weight_decays:
-            res = train_linear_probe(
-                tx, train_y[fit], vx, train_y[val], num_classes, weight_decay=wd, seed=seed, **kwargs
-            )
-            scores[wd] = res["accuracy"]
-    best = max(scores, key=lambda wd: (scores[wd], wd)) if scores else weight_decays[0]
+    # The held-out scores pick the weight decay, and also rank blocks in probe_blocks, so they are
+    # computed even for a one-value grid.
+    order = np.random.default_rng(seed).permutation(n)
+    val, fit = order[:n_val], order[n_val:]
+    tx = train_x[fit] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(fit)]
+    vx = train_x[val] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(val)]
+    scores: dict[float, float] = {}
+    for wd in weight_decays:
+        res = train_linear_probe(
+            tx, train_y[fit], vx, train_y[val], num_classes, weight_decay=wd, seed=seed, **kwargs
+        )
+        scores[wd] = res["accuracy"]
+    best = max(scores, key=lambda wd: (scores[wd], wd))
     out = train_linear_probe(
         train_x, train_y, test_x, test_y, num_classes, weight_decay=best, seed=seed, **kwargs
     )
     out["weight_decay"] = best
+    out["val_accuracy"] = scores[best]
     out["val_accuracy_by_weight_decay"] = {repr(wd): round(acc, 4) for wd, acc in scores.items()}
     return out
 
@@ -177,3 +205,33 @@ def probe_with_config(
         seed=seed,
         epochs=cfg.epochs,
     )
+
+
+def probe_blocks(
+    cfg: ProbeConfig, train_feats, train_y, test_feats, test_y, num_classes: int, seed: int = 0
+) -> dict:
+    """Probe every block (features (layers, N, dim)) and pick one on held-out train rows, never on test.
+
+    The block is cfg.block when set (0-based), else the one with the best held-out accuracy (ties go to
+    the shallower block). Every block's test accuracy is returned too, as the curve over depth, but only
+    the held-out score chooses. Block indices here are 0-based: block 0 is the first Transformer block.
+    """
+    results = [
+        probe_with_config(cfg, train_feats[b], train_y, test_feats[b], test_y, num_classes, seed)
+        for b in range(len(train_feats))
+    ]
+    if cfg.block is not None:
+        if not 0 <= cfg.block < len(results):
+            raise VimError(f"transformer.probe.block {cfg.block} is out of range for {len(results)} blocks")
+        chosen, how = cfg.block, "fixed by transformer.probe.block"
+    else:
+        chosen = max(range(len(results)), key=lambda b: (results[b]["val_accuracy"], -b))
+        how = f"best accuracy on {cfg.val_fraction:.0%} of the train rows held out (not the test split)"
+    return {
+        "block": chosen,
+        "selection": how,
+        "accuracy": results[chosen]["accuracy"],
+        "weight_decay": results[chosen]["weight_decay"],
+        "val_accuracy_by_block": [round(r["val_accuracy"], 4) for r in results],
+        "test_accuracy_by_block": [round(r["accuracy"], 4) for r in results],
+    }

@@ -18,7 +18,7 @@ from vim_core.eval.classifier import (
     train_classifier,
 )
 from vim_core.eval.grids import image_grid
-from vim_core.eval.probe import extract_features, probe_with_config
+from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
 from vim_core.eval.ssim import ssim
 from vim_core.io import spec_hash
 from vim_core.tokenizer.metrics import codebook_usage, psnr
@@ -300,23 +300,32 @@ def _probe(
     idx = np.random.default_rng(params.evaluate.seed).permutation(len(train_x))[:limit]
     tr_x, tr_y = train_x[idx], train_y[idx]
     tr_tokens = encode_images(tokenizer, tr_x)
-    block = p.block if p.block is not None else vim.cfg.layers // 2
-
-    chosen: dict[str, float] = {}
+    seed = params.evaluate.seed
+    # Every block is probed (the curve over depth); the held-out train rows alone pick the block.
+    curve = probe_blocks(
+        p,
+        extract_block_features(vim, tr_tokens),
+        tr_y,
+        extract_block_features(vim, test_tokens),
+        test_y,
+        num_classes,
+        seed,
+    )
+    block = curve["block"]
+    chosen: dict[str, float] = {"vim": curve["weight_decay"]}
 
     def probe(name: str, train_feats, test_feats) -> float:
-        res = probe_with_config(p, train_feats, tr_y, test_feats, test_y, num_classes, params.evaluate.seed)
+        res = probe_with_config(p, train_feats, tr_y, test_feats, test_y, num_classes, seed)
         chosen[name] = res["weight_decay"]
         return round(res["accuracy"], 4)
 
-    torch.manual_seed(params.evaluate.seed)
+    torch.manual_seed(seed)
     random_vim = VIM.from_spec(vim.spec()).eval()
     out = {
-        "probe_accuracy": probe(
-            "vim",
-            extract_features(vim, tr_tokens, block=block),
-            extract_features(vim, test_tokens, block=block),
-        ),
+        "probe_accuracy": round(curve["accuracy"], 4),
+        "probe_block": block,
+        "probe_test_accuracy_by_block": dict(enumerate(curve["test_accuracy_by_block"])),
+        "probe_val_accuracy_by_block": dict(enumerate(curve["val_accuracy_by_block"])),
         "probe_accuracy_pixels": probe(
             "pixels",
             tr_x.reshape(len(tr_x), -1).astype(np.float32),
@@ -329,10 +338,12 @@ def _probe(
         ),
     }
     out["probe_definition"] = (
-        f"softmax linear classifier (L-BFGS, {p.epochs} iterations, standardised features) on average-pooled "
-        f"features of block {block} (0-based, of {vim.cfg.layers}); {len(tr_x)} train images, the whole test "
-        f"split; weight decay picked per feature set from {p.weight_decays} on {p.val_fraction:.0%} of the "
-        f"train images (chosen: {chosen}); same split for the pixel and random-init baselines"
+        f"softmax linear classifier (L-BFGS, {p.epochs} iterations, standardised features) on the average-"
+        f"pooled, layer-normalised output of each of the {vim.cfg.layers} blocks; block indices are 0-based "
+        f"(block 0 is the first Transformer block); probe_block = {block}, {curve['selection']}; "
+        f"{len(tr_x)} train images, the whole test split; weight decay picked per feature set from "
+        f"{p.weight_decays} on {p.val_fraction:.0%} of the train images (chosen: {chosen}); the pixel and "
+        "random-init baselines use the same split, the random-init VIM the chosen block"
     )
     return out
 

@@ -204,11 +204,20 @@ class VIM(nn.Module):
         block = self.cfg.layers // 2 if block is None else block
         if not 0 <= block < self.cfg.layers:
             raise ValueError(f"block {block} out of range for {self.cfg.layers} layers")
+        return self.block_features(tokens, labels, last=block)[block]
+
+    def block_features(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, last: int | None = None
+    ) -> list[torch.Tensor]:
+        """features() of blocks 0..last (default: every block) from one forward pass, for a probe curve."""
+        last = self.cfg.layers - 1 if last is None else last
         x, _ = self._embed(tokens[:, : self.seq_len - 1], labels, 0)
-        for b in self.blocks[: block + 1]:
+        out = []
+        for b in self.blocks[: last + 1]:
             x = b(x)
-        # Per-token normalisation without learned affine (as iGPT), so no single position dominates.
-        return F.layer_norm(x, (x.shape[-1],)).mean(dim=1)
+            # Per-token normalisation without learned affine (as iGPT), so no single position dominates.
+            out.append(F.layer_norm(x, (x.shape[-1],)).mean(dim=1))
+        return out
 
     def configure_optimizers(
         self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.96)
