@@ -6,7 +6,7 @@ import sys
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, run_stage, tracked_stage
-from flows.tracking import set_run_tags
+from flows.mlflow_run import set_run_tags
 from vim_core.config import Params, load_params
 from vim_core.io import atomic_write_text
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.mlflow_run import check_reachable, enabled
 from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
-from flows.tracking import check_reachable, enabled, log_json_metrics, stage_run
+from flows.tracking import log_json_metrics, stage_run
 from vim_core.config import Params, load_params
 from vim_core.errors import TransientError, VimError
 

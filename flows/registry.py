@@ -16,7 +16,7 @@ import json
 import logging
 import math
 
-from flows.tracking import MAX_TAG_VALUE, check_reachable, client, configure
+from flows.mlflow_run import MAX_TAG_VALUE, check_reachable, client, configure
 from vim_core.errors import TransientError, VimError
 
 log = logging.getLogger("vim.registry")
