@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.stages import declared
 from vim_core.errors import ConfigError, TransientError, VimError
 
 log = logging.getLogger("vim")
@@ -26,21 +27,14 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-def stage_params(params, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
-    """The params.yaml sections a stage declares in dvc.yaml (all of them when dvc.yaml is absent)."""
-    import yaml
-
+def stage_params(params, stage: str, dvc_yaml: str | Path | None = None) -> dict:
+    """The params.yaml sections a stage declares in dvc.yaml (all of them when it declares none)."""
     full = params.model_dump(mode="json")
-    dvc_yaml = Path(dvc_yaml)
-    if not dvc_yaml.is_file():
-        return full
-    keys = ((yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}).get("params")
+    keys = declared(stage, dvc_yaml).params
     if not keys:
         return full
     out: dict = {}
     for key in keys:
-        if isinstance(key, dict):  # {params_file: [keys]}: another file's keys, not ours
-            continue
         src, dst, parts = full, out, key.split(".")
         for part in parts[:-1]:
             src = src.get(part, {}) if isinstance(src, dict) else {}

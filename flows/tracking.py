@@ -4,8 +4,8 @@ stage_run() opens a stage's MLflow run (flows/mlflow_run.py has the run lifecycl
 stage nests under its pipeline run, the tags) and yields an MlflowTracker on it. VIM_TRACKING=off turns
 MLflow off: stage_run() then yields a tracker that discards everything (vim_core's NullTracker).
 
-log_stage_outputs() logs what dvc.yaml declares as a stage's metrics and plots, so a stage's MLflow run
-and `dvc metrics show` / `dvc plots show` present the same files.
+log_stage_outputs() logs what dvc.yaml declares as a stage's metrics and plots (flows/stages.py), so a
+stage's MLflow run and `dvc metrics show` / `dvc plots show` present the same files.
 """
 
 import json
@@ -20,6 +20,7 @@ import numpy as np
 
 from flows import mlflow_run
 from flows.mlflow_run import sanitize_key
+from flows.stages import declared
 from vim_core.errors import VimError
 from vim_core.train.tracking import NullTracker, Tracker, flatten, to_hwc
 
@@ -187,28 +188,16 @@ def _numbers(data: dict) -> dict[str, float]:
     return {k: v for k, v in measured.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def log_stage_outputs(tracker: Tracker, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
+def log_stage_outputs(tracker: Tracker, stage: str) -> None:
     """What dvc.yaml declares as the stage's metrics and plots: numbers as metrics, PNGs as images, CSVs
     as artifacts. Reading dvc.yaml keeps MLflow and `dvc metrics/plots` showing the same files."""
-    import yaml
-
-    dvc_yaml = Path(dvc_yaml)
-    if not dvc_yaml.is_file():
-        return
-    spec = (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}
-    root = dvc_yaml.parent
-    for entry in spec.get("metrics", []):
-        log_json_metrics(tracker, root / _out_path(entry))
-    for entry in spec.get("plots", []):
-        path = root / _out_path(entry)
+    spec = declared(stage)
+    for path in spec.metrics:
+        log_json_metrics(tracker, path)
+    for path in map(Path, spec.plots):
         if not path.is_file():
             continue
         if path.suffix.lower() == ".png":
             tracker.log_image(path, path.stem)
         else:
             tracker.log_artifact(path, f"plots/{path.name}")
-
-
-def _out_path(entry) -> str:
-    """A dvc.yaml output entry: a path, or {path: options}."""
-    return next(iter(entry)) if isinstance(entry, dict) else str(entry)
