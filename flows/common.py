@@ -1,12 +1,16 @@
-"""What every stage entry point shares: env defaults, params loading, and one-line errors."""
+"""What every stage shares: its declaration as a Prefect flow (stage_flow), tracking, and one-line errors."""
 
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.stages import Stage, declared
+from vim_core.config import Params, load_params
 from vim_core.errors import ConfigError, TransientError, VimError
+from vim_core.io import atomic_write_text
 
 log = logging.getLogger("vim")
 
@@ -26,21 +30,14 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-def stage_params(params, stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
-    """The params.yaml sections a stage declares in dvc.yaml (all of them when dvc.yaml is absent)."""
-    import yaml
-
+def stage_params(params, stage: str, dvc_yaml: str | Path | None = None) -> dict:
+    """The params.yaml sections a stage declares in dvc.yaml (all of them when it declares none)."""
     full = params.model_dump(mode="json")
-    dvc_yaml = Path(dvc_yaml)
-    if not dvc_yaml.is_file():
-        return full
-    keys = ((yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}).get("params")
+    keys = declared(stage, dvc_yaml).params
     if not keys:
         return full
     out: dict = {}
     for key in keys:
-        if isinstance(key, dict):  # {params_file: [keys]}: another file's keys, not ours
-            continue
         src, dst, parts = full, out, key.split(".")
         for part in parts[:-1]:
             src = src.get(part, {}) if isinstance(src, dict) else {}
@@ -64,6 +61,33 @@ def tracked_stage(stage: str, params) -> Iterator:
         log_stage_outputs(tracker, stage)
 
 
+def stage_flow(name: str, body: Callable[[Params, Stage, str | None], dict]):
+    """A DVC stage as a Prefect flow named after it, whose work is `body(params, stage, run_id)`, a task.
+
+    The flow loads the params, opens the stage's tracked MLflow run, calls the body with the params, the
+    stage as dvc.yaml declares it and the run id (None with tracking off), and writes what the body returns
+    as the metrics JSON dvc.yaml declares, atomically: a failed stage leaves the old file. The body's
+    docstring describes the flow. A VimError ends the flow Failed with its one-line cause.
+    """
+    from prefect import flow
+
+    def stage_body(params_path: str = "params.yaml"):
+        return failed_on_bad_input(_run_stage_body, name, body, params_path)
+
+    stage_body.__doc__ = body.__doc__
+    return flow(name=name)(stage_body)
+
+
+def _run_stage_body(name: str, body: Callable, params_path: str) -> dict:
+    params = load_params(params_path)
+    stage = declared(name)
+    metrics_file = stage.metrics_file  # a dvc.yaml without one fails here, before any work
+    with tracked_stage(name, params) as tracker:
+        metrics = body(params, stage, tracker.run_id)
+        atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
 def failed_on_bad_input(fn: Callable[..., object], *args, **kwargs):
     """Call a flow body; turn a VimError into a Failed state with its one-line cause, not a traceback."""
     from prefect.states import Failed
@@ -84,17 +108,13 @@ def run_stage(flow: Callable[..., object], argv: list[str] | None = None) -> int
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from vim_core.config import load_params
-
         load_params(args.params)  # fail before Prefect starts, in one line per problem
         state = flow(params_path=args.params, return_state=True)
         if state.is_failed():
             raise VimError(state.message or "the flow failed")
-    except ConfigError as err:
-        for line in err.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
     except VimError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        bad_params = isinstance(err, ConfigError)
+        for line in err.lines if bad_params else [str(err)]:
+            print(f"error: {line}", file=sys.stderr)
+        return 2 if bad_params else 1
     return 0

@@ -2,8 +2,8 @@
 
 Not a DVC stage: its output is registry state, not files. `flows/retrain.py` calls it right after
 `dvc repro`; `python -m flows.publish` does the same for a pipeline you ran yourself. It refuses to
-publish when `dvc status` says the outputs are stale, so the registered weights are the ones the eval
-metrics in metrics/eval.json were measured on.
+publish when `dvc status` says the outputs are stale, so the registered weights are the ones the evaluate
+stage's metrics were measured on.
 
 Three models, each a pyfunc logged from code (flows/pyfunc_models.py) with a signature, its weights
 taken as the pipeline's safetensors files: vit-vqgan (the tokenizer), vim-transformer, and vim-generator
@@ -27,8 +27,10 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.mlflow_run import check_reachable, enabled
 from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
-from flows.tracking import check_reachable, enabled, log_json_metrics, stage_run
+from flows.stages import declared
+from flows.tracking import log_json_metrics, stage_run
 from vim_core.config import Params, load_params
 from vim_core.errors import TransientError, VimError
 
@@ -36,7 +38,6 @@ log = logging.getLogger("vim.publish")
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_models.py")
-EVAL_METRICS = "metrics/eval.json"
 KINDS = dict(zip(("tokenizer", "transformer", "generator"), MODEL_NAMES, strict=True))
 # What the logged models import, pinned to the versions that logged them.
 REQUIREMENTS = (
@@ -233,14 +234,14 @@ def eval_metrics(params: Params) -> tuple[dict[str, float], str]:
     """The eval metrics to register and their eval-config hash, checked against the current params."""
     from vim_core.eval.report import eval_config_hash
 
-    path = Path(EVAL_METRICS)
+    path = Path(declared("evaluate").metrics_file)
     if not path.is_file():
-        raise VimError(f"{EVAL_METRICS} is missing; run the pipeline (dvc repro) first")
+        raise VimError(f"{path} is missing; run the pipeline (dvc repro) first")
     data = json.loads(path.read_text())
     recorded, current = data.get("eval_config_hash"), eval_config_hash(params)
     if recorded != current:
         raise VimError(
-            f"{EVAL_METRICS} was scored with eval config {recorded}, params.yaml now gives {current}; "
+            f"{path} was scored with eval config {recorded}, params.yaml now gives {current}; "
             "run dvc repro first"
         )
     numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -275,7 +276,7 @@ def publish_pipeline(params: Params, check_status: bool = True) -> dict:
         check_up_to_date()
     metrics, eval_hash = eval_metrics(params)
     with stage_run("publish", {"promotion": params.promotion.model_dump(mode="json")}) as tracker:
-        log_json_metrics(tracker, EVAL_METRICS)
+        log_json_metrics(tracker, declared("evaluate").metrics_file)
         uris = log_models(params, tracker.run_id)
         versions = register(uris, metrics, tracker.run_id, eval_hash)
         decision = promote(params, tracker.run_id)

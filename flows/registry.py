@@ -14,7 +14,7 @@ stays. Metrics are read from the first name in `names` (all versions of a bundle
 import logging
 import math
 
-from flows.tracking import MAX_TAG_VALUE, check_reachable, client, configure
+from flows.mlflow_run import MAX_TAG_VALUE, check_reachable, client, configure
 from vim_core.errors import TransientError, VimError
 
 log = logging.getLogger("vim.registry")

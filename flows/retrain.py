@@ -24,8 +24,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient
+from flows.mlflow_run import check_reachable, enabled, pipeline_run
 from flows.publish import publish_pipeline
-from flows.tracking import check_reachable, enabled, pipeline_run
 from vim_core.config import load_params
 from vim_core.errors import TransientError, VimError
 

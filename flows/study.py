@@ -269,7 +269,8 @@ def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
 @task
 def run_arm(run: Run, cwd: str, params_path: str) -> str:
     """One (arm, seed): skip it when its experiment exists with the same params, else (re)run it."""
-    from flows.tracking import enabled, pipeline_run, tracker_for
+    from flows.mlflow_run import enabled, pipeline_run
+    from flows.tracking import tracker_for
 
     cwd_path = Path(cwd)
     want = expected_params(run, cwd_path / params_path)

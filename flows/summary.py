@@ -4,10 +4,13 @@ import json
 import os
 from pathlib import Path
 
+from flows.stages import all_declared
+
 
 def main() -> None:
     print("\nvim pipeline finished.")
-    for path in sorted(Path("metrics").glob("*.json")):
+    stages = all_declared()
+    for path in sorted(Path(file) for stage in stages for file in stage.metrics if Path(file).is_file()):
         data = json.loads(path.read_text())
         flat = {
             k: v
@@ -18,7 +21,8 @@ def main() -> None:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(flat.items())[:8]
         )
         print(f"  {path}: {shown}")
-    print("  plots:    plots/   (dvc plots show)")
+    plots = sorted({stage.plots_dir for stage in stages if stage.plots})
+    print(f"  plots:    {', '.join(f'{p}/' for p in plots)}   (dvc plots show)")
     print("  compare:  dvc metrics show / dvc metrics diff")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flows import tracking
-from flows.tracking import MlflowTracker, check_reachable, pipeline_run, sanitize_key, stage_run
+from flows import mlflow_run, tracking
+from flows.mlflow_run import check_reachable, pipeline_run, sanitize_key
+from flows.tracking import MlflowTracker, stage_run
 from tests import servers
 from tests.mlflow_server import SERVER_ENV
 from vim_core.errors import TransientError, VimError
@@ -29,8 +30,8 @@ def mlflow_env(mlflow_server, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"test-{uuid.uuid4().hex[:8]}")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    monkeypatch.delenv(tracking.SWITCH_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
     yield mlflow_server
     while mlflow.active_run():
         mlflow.end_run("KILLED")
@@ -49,30 +50,30 @@ def test_sanitize_key():
     assert sanitize_key("a/../b") == "a/_/b"
     assert sanitize_key("fid@inception,2048") == "fid_inception_2048"
     long_a, long_b = sanitize_key("x" * 300 + "a"), sanitize_key("x" * 300 + "b")
-    assert len(long_a) == tracking.MAX_KEY and long_a != long_b
+    assert len(long_a) == mlflow_run.MAX_KEY and long_a != long_b
 
 
 def test_embedded_default_is_local_sqlite(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == f"sqlite:///{tracking.REPO / 'mlflow.db'}"
-    assert tracking.artifact_location() == (tracking.REPO / "mlartifacts").as_uri()
+    assert mlflow_run.tracking_uri() == f"sqlite:///{mlflow_run.REPO / 'mlflow.db'}"
+    assert mlflow_run.artifact_location() == (mlflow_run.REPO / "mlartifacts").as_uri()
     check_reachable()  # a local store needs no server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    assert tracking.artifact_location() is None  # the server decides
+    assert mlflow_run.artifact_location() is None  # the server decides
 
 
 def test_embedded_store_keeps_runs_and_artifacts_in_the_repo(monkeypatch, tmp_path):
     """No server configured: sqlite mlflow.db and mlartifacts/ in the repo root (here a stand-in)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    monkeypatch.delenv(tracking.SWITCH_ENV, raising=False)
-    monkeypatch.setattr(tracking, "REPO", tmp_path)
+    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(mlflow_run, "REPO", tmp_path)
     (tmp_path / "note.txt").write_text("hi")
     with stage_run("prepare_data", {"size": 32}) as t:
         t.log_artifact(tmp_path / "note.txt")
     assert (tmp_path / "mlflow.db").is_file()
     assert [p.read_text() for p in (tmp_path / "mlartifacts").rglob("note.txt")] == ["hi"]
-    assert tracking.client().get_run(t.run_id).data.params == {"size": "32"}
+    assert mlflow_run.client().get_run(t.run_id).data.params == {"size": "32"}
 
 
 def test_tracker_logs_params_metrics_images_artifacts_to_nested_run(mlflow_env, tmp_path):
@@ -85,7 +86,7 @@ def test_tracker_logs_params_metrics_images_artifacts_to_nested_run(mlflow_env, 
     report.write_text('{"ok": true}')
 
     with pipeline_run("pipeline-test", tags={"trigger": "pytest"}) as parent_id:
-        assert os.environ[tracking.PARENT_ENV] == parent_id
+        assert os.environ[mlflow_run.PARENT_ENV] == parent_id
         with stage_run("train_tokenizer", params) as tracker:
             assert isinstance(tracker, Tracker)
             tracker.log_metrics(
@@ -97,7 +98,7 @@ def test_tracker_logs_params_metrics_images_artifacts_to_nested_run(mlflow_env, 
             tracker.log_artifact(report, "reports/final.json")
             tracker.log_artifact(report)
             stage_id = tracker.run_id
-    assert tracking.PARENT_ENV not in os.environ
+    assert mlflow_run.PARENT_ENV not in os.environ
 
     c = _client(mlflow_env.url)
     run, parent = c.get_run(stage_id), c.get_run(parent_id)
@@ -106,10 +107,10 @@ def test_tracker_logs_params_metrics_images_artifacts_to_nested_run(mlflow_env, 
     assert (run.info.status, parent.info.status) == ("FINISHED", "FINISHED")
     assert parent.data.tags["trigger"] == "pytest"
     assert run.data.tags["vim.stage"] == "train_tokenizer"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.REPO, capture_output=True, text=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=mlflow_run.REPO, capture_output=True, text=True)
     assert run.data.tags["vim.git.commit"] == head.stdout.strip()
     assert run.data.tags["vim.git.dirty"] in ("true", "false")
-    if (tracking.REPO / "dvc.lock").exists():
+    if (mlflow_run.REPO / "dvc.lock").exists():
         assert len(run.data.tags["vim.dvc.lock_sha256"]) == 64
 
     p = run.data.params
@@ -148,7 +149,7 @@ def test_stage_in_another_process_nests_under_the_pipeline_run(mlflow_env):
     with pipeline_run("pipeline-xproc") as parent_id:
         # The child inherits VIM_PARENT_RUN_ID and MLFLOW_TRACKING_URI, as a DVC stage does.
         out = subprocess.run(
-            [sys.executable, "-c", code], cwd=tracking.REPO, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code], cwd=mlflow_run.REPO, capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, out.stderr[-2000:]
         with pytest.raises(RuntimeError), stage_run("train_transformer") as t:
@@ -171,8 +172,8 @@ def test_stage_without_pipeline_is_top_level_and_stale_parent_fails(mlflow_env, 
     with stage_run("prepare_data") as t:
         run_id = t.run_id
     assert "mlflow.parentRunId" not in _client(mlflow_env.url).get_run(run_id).data.tags
-    monkeypatch.setenv(tracking.PARENT_ENV, uuid.uuid4().hex)
-    with pytest.raises(VimError, match=tracking.PARENT_ENV), stage_run("prepare_data"):
+    monkeypatch.setenv(mlflow_run.PARENT_ENV, uuid.uuid4().hex)
+    with pytest.raises(VimError, match=mlflow_run.PARENT_ENV), stage_run("prepare_data"):
         pass
 
 
@@ -199,7 +200,7 @@ def test_check_reachable_on_closed_port_is_transient_and_fast(mlflow_env, monkey
 
 
 def test_tracking_off_touches_no_server(monkeypatch):
-    monkeypatch.setenv(tracking.SWITCH_ENV, "off")
+    monkeypatch.setenv(mlflow_run.SWITCH_ENV, "off")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{servers.free_port()}")
     with stage_run("prepare_data", {"a": 1}) as t:
         t.log_metrics({"loss/total": 1.0}, step=0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from flows import publish, tracking
+from flows import mlflow_run, publish, tracking
 from flows.common import stage_params, tracked_stage
 from flows.pyfunc_models import decode_png
 from tests.test_transformer_stage import stage2_params
@@ -43,9 +43,9 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("MLFLOW_EXPERIMENT_NAME", "models")
-        mp.delenv(tracking.PARENT_ENV, raising=False)
-        mp.delenv(tracking.SWITCH_ENV, raising=False)
-        mp.setattr(tracking, "REPO", root)  # artifacts under root/mlartifacts
+        mp.delenv(mlflow_run.PARENT_ENV, raising=False)
+        mp.delenv(mlflow_run.SWITCH_ENV, raising=False)
+        mp.setattr(mlflow_run, "REPO", root)  # artifacts under root/mlartifacts
         yield root
 
 
@@ -190,7 +190,7 @@ def test_tracked_stage_logs_params_metrics_and_plots_dvc_yaml_declares(store, mi
         Path("metrics/eval.json").write_text(json.dumps(report))
         Image.fromarray(np.full((4, 4), 7, np.uint8)).save("plots/grid.png")
         Path("plots/loss.csv").write_text("step,total\n0,1.0\n")
-    c = tracking.client()
+    c = mlflow_run.client()
     run = c.get_run(t.run_id)
     assert run.data.params["transformer.sampling.temperature"] == "0.9" and run.data.params["seed"] == "3"
     assert "tokenizer.train.steps" not in run.data.params
@@ -200,7 +200,7 @@ def test_tracked_stage_logs_params_metrics_and_plots_dvc_yaml_declares(store, mi
 
 
 def test_tracking_off_is_vim_cores_null_tracker(micro, monkeypatch, tmp_path):
-    monkeypatch.setenv(tracking.SWITCH_ENV, "off")
+    monkeypatch.setenv(mlflow_run.SWITCH_ENV, "off")
     monkeypatch.chdir(tmp_path)
     with tracked_stage("evaluate", micro) as t:
         assert isinstance(t, NullTracker) and t.run_id is None

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows import registry, tracking
+from flows import mlflow_run, registry, tracking
 from flows.registry import CHALLENGER, CHAMPION, compare_and_promote, register_bundle
 from vim_core.io import spec_hash
 
@@ -22,8 +22,8 @@ def reg_env(mlflow_server, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "registry-tests")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    monkeypatch.delenv(tracking.SWITCH_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
     yield mlflow_server
     while mlflow.active_run():
         mlflow.end_run("KILLED")
@@ -40,7 +40,7 @@ def _pipeline(names, fid, acc, eval_hash=EVAL, register=None) -> tuple[str, dict
     """One pipeline run: log a real pyfunc model in its evaluate stage, register it under the names."""
     import mlflow
 
-    with tracking.pipeline_run("pipeline") as parent, tracking.stage_run("evaluate") as t:
+    with mlflow_run.pipeline_run("pipeline") as parent, tracking.stage_run("evaluate") as t:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(ECHO), pip_requirements=["mlflow"])
         metrics = {"fid_domain": fid, "class_accuracy": acc, "psnr": 20.0}
         t.log_metrics(metrics, step=0)
@@ -50,7 +50,7 @@ def _pipeline(names, fid, acc, eval_hash=EVAL, register=None) -> tuple[str, dict
 
 
 def _aliases(names, alias) -> dict[str, str | None]:
-    c = tracking.client()
+    c = mlflow_run.client()
     return {n: registry._version(registry._by_alias(c, n, alias)) for n in names}
 
 
@@ -60,11 +60,11 @@ def test_champion_challenger_lifecycle(reg_env, names, tmp_path):
     # 1. The first challenger passing the guard becomes champion, all three names together.
     p1, v1 = _pipeline(names, fid=20.0, acc=0.95)
     assert v1 == dict.fromkeys(names, "1")
-    c = tracking.client()
+    c = mlflow_run.client()
     mv = c.get_model_version(names[0], "1")
     assert mv.tags[registry.BUNDLE_TAG] == p1 and mv.tags[registry.EVAL_HASH_TAG] == EVAL
     assert float(mv.tags["metric.fid_domain"]) == 20.0
-    with tracking.pipeline_run("promote") as promote_run:
+    with mlflow_run.pipeline_run("promote") as promote_run:
         first = compare_and_promote(names)
     assert first["outcome"] == "promoted" and "first" in first["reason"]
     assert _aliases(names, CHAMPION) == v1 == first["champion_after"]

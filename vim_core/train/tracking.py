@@ -55,28 +55,35 @@ def _fmt(value: float) -> str:
     return repr(value) if math.isfinite(value) else "nan"
 
 
-def _flatten(params: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict:
+    """Nested dicts to one level, keys joined by `sep`; trackers store params and metrics flat."""
     out = {}
-    for key, value in params.items():
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten(value, sep, f"{name}{sep}"))
         else:
             out[name] = value
     return out
+
+
+def to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 (H, W), (H, W, C) or (C, H, W) pixels as what PIL and MLflow take: (H, W) or (H, W, C)."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"log_image wants uint8 pixels, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return np.ascontiguousarray(arr)
 
 
 def save_image(image: np.ndarray | torch.Tensor, path: Path) -> None:
     """Write uint8 (H, W), (H, W, C) or (C, H, W) pixels as PNG."""
     from PIL import Image  # only needed when images are logged
 
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.dtype != np.uint8:
-        raise ValueError(f"log_image wants uint8 pixels, got {arr.dtype}")
+    arr = to_hwc(image)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
 
@@ -156,7 +163,7 @@ class JsonlTracker:
     def log_params(self, params: dict) -> None:
         flat = {
             k: v if isinstance(v, bool | int | float | str | None) else str(v)
-            for k, v in _flatten(params).items()
+            for k, v in flatten(params).items()
         }
         atomic_write_text(self.out_dir / "params.json", json.dumps(flat, indent=2, sort_keys=True) + "\n")
 
