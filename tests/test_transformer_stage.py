@@ -21,7 +21,8 @@ from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split, read_manifest
 from vim_core.data.tokenize import tokenize_dataset
 from vim_core.io import sha256_file
-from vim_core.tokenizer.model import load_tokenizer, to_model_range
+from vim_core.tokenizer.export import load_tokenizer
+from vim_core.tokenizer.model import to_model_range
 from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer

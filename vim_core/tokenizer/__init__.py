@@ -1,12 +1,12 @@
 """Stage 1: the ViT-VQGAN tokenizer and the vanilla-VQGAN (CNN) baseline."""
 
+from vim_core.tokenizer.export import Tokenizer, load_tokenizer, save_tokenizer
 from vim_core.tokenizer.model import (
     TokenizerOutput,
+    UInt8Codec,
     VQTokenizer,
     build_tokenizer,
     count_params,
-    load_tokenizer,
-    save_tokenizer,
     to_model_range,
     to_uint8,
 )
@@ -14,7 +14,9 @@ from vim_core.tokenizer.quantizer import FactorizedQuantizer
 
 __all__ = [
     "FactorizedQuantizer",
+    "Tokenizer",
     "TokenizerOutput",
+    "UInt8Codec",
     "VQTokenizer",
     "build_tokenizer",
     "count_params",
