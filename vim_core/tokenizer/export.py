@@ -1,4 +1,4 @@
-"""Save and load a trained tokenizer as one safetensors file that carries its own config."""
+"""Save and load a trained tokenizer (any arch) as one safetensors file that carries its own config."""
 
 import torch
 from pydantic import ValidationError
@@ -7,15 +7,16 @@ from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.errors import VimError
 from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer
+from vim_core.tokenizer.palette import PaletteTokenizer
 
 FORMAT = "vim-tokenizer/1"
 
 # What load_tokenizer returns; consumers need only encode/decode(_uint8), codebook_size and grid_size.
-Tokenizer = VQTokenizer
+Tokenizer = VQTokenizer | PaletteTokenizer
 
 
 def save_tokenizer(model: Tokenizer, cfg: TokenizerModelConfig, path: str) -> None:
-    """Weights as safetensors, with the config in the metadata so load can rebuild it."""
+    """Weights (or the palette) as safetensors, with the config in the metadata so load can rebuild it."""
     spec = {"model": cfg.model_dump(mode="json"), "image_size": model.image_size, "channels": model.channels}
     save_safetensors_with_spec(model.state_dict(), spec, FORMAT, path)
 
@@ -31,5 +32,7 @@ def load_tokenizer(path: str, map_location: str | torch.device = "cpu") -> Token
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # shape mismatch: the file does not fit its own config
-        raise VimError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # lines[0] only says "Error(s) in loading ..."
+        raise VimError(f"cannot load weights from {path}: {detail}") from None
     return model.to(map_location)

@@ -1,11 +1,13 @@
 """One tokenizer interface for ViT-VQGAN and the CNN baseline, plus pixel-range helpers.
 
 A trainer only sees `VQTokenizer`: encode(x) -> token ids, decode(ids) -> image, forward(x) -> TokenizerOutput.
-Consumers of a trained tokenizer use encode_uint8/decode_uint8 from `UInt8Codec`. Save/load live in export.py.
+Consumers of a trained tokenizer use encode_uint8/decode_uint8 from `UInt8Codec`, which the palette tokenizer
+shares. Save/load live in export.py.
 """
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +18,9 @@ from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
 from vim_core.tokenizer.losses import laplace_mean_image
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
 from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
+
+if TYPE_CHECKING:
+    from vim_core.tokenizer.palette import PaletteTokenizer
 
 
 @dataclass
@@ -123,9 +128,18 @@ class VQTokenizer(UInt8Codec, nn.Module):
         return self.quantizer.codebook_parameters()
 
 
-def build_tokenizer(cfg: TokenizerModelConfig, image_size: int, channels: int) -> VQTokenizer:
-    """The tokenizer cfg describes, for images of image_size x image_size with `channels` channels."""
+def build_tokenizer(
+    cfg: TokenizerModelConfig, image_size: int, channels: int
+) -> "VQTokenizer | PaletteTokenizer":
+    """The tokenizer cfg describes, for images of image_size x image_size with `channels` channels.
+
+    A palette tokenizer comes back unfitted (all-zero palette): fit_palette_tokenizer or a load fills it.
+    """
     grid = cfg.grid(image_size)
+    if cfg.arch == "palette":
+        from vim_core.tokenizer.palette import PaletteTokenizer  # palette.py imports the helpers below
+
+        return PaletteTokenizer(image_size, channels, grid, cfg.palette_clusters, cfg)
     out_channels = channels * (2 if cfg.logit_laplace else 1)  # mean and log-scale per pixel
     quant = dict(
         codebook_size=cfg.codebook_size,
