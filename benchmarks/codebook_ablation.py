@@ -23,7 +23,6 @@ from vim_core.data.shards import load_split, read_manifest
 from vim_core.errors import ConfigError, VimError
 from vim_core.eval.classifier import save_classifier, train_classifier
 from vim_core.eval.fidelity import domain_metrics
-from vim_core.eval.report import decode_tokens, encode_images
 from vim_core.train.tokenizer_trainer import train_tokenizer
 
 VARIANTS = {
@@ -78,7 +77,8 @@ def main() -> None:
             tok.checkpoint_dir = str(Path(tmp) / "ckpt" / name.split()[0])
             run = train_tokenizer(tok, data_root, seed=params.seed)
             m = run.metrics
-            recon = decode_tokens(run.model.eval(), encode_images(run.model.eval(), test_x))
+            model = run.model.eval()
+            recon = model.decode_uint8(model.encode_uint8(test_x))
             rfid = domain_metrics(
                 recon,
                 test_x,

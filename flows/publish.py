@@ -101,7 +101,7 @@ def signatures(files: dict[str, str], defaults: dict) -> dict:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from vim_core.tokenizer.model import load_tokenizer
+    from vim_core.tokenizer.export import load_tokenizer
     from vim_core.transformer.export import load_transformer
 
     tok = load_tokenizer(files["tokenizer"])

@@ -80,7 +80,7 @@ class VimModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from vim_core.tokenizer.model import load_tokenizer
+        from vim_core.tokenizer.export import load_tokenizer
         from vim_core.transformer.export import load_transformer
 
         # {kind: sampling defaults}; keyed by kind because MLflow also logs model_config as run params,
@@ -108,18 +108,13 @@ class VimModel(PythonModel):
         return self.images(ids, tokens)
 
     def encode(self, images) -> np.ndarray:
-        import torch
-
-        from vim_core.tokenizer.model import to_model_range
-
         x = np.asarray(images)
         if x.ndim == 3:  # (N, H, W): one channel
             x = x[:, None]
         want = (self.tokenizer.channels, self.tokenizer.image_size, self.tokenizer.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise _bad_input(f"images must be uint8 (N, {', '.join(map(str, want))}), got {x.shape}")
-        with torch.inference_mode():
-            return self.tokenizer.encode(to_model_range(x.astype(np.uint8))).numpy().astype(np.int64)
+        return self.tokenizer.encode_uint8(x.astype(np.uint8)).numpy().astype(np.int64)
 
     def sample(self, ids: np.ndarray, opts: dict):
         import torch
@@ -157,12 +152,8 @@ class VimModel(PythonModel):
 
     def images(self, ids: np.ndarray, tokens):
         import pandas as pd
-        import torch
 
-        from vim_core.tokenizer.model import to_uint8
-
-        with torch.inference_mode():
-            pixels = to_uint8(self.tokenizer.decode(tokens)).numpy()
+        pixels = self.tokenizer.decode_uint8(tokens)
         return pd.DataFrame({"class_id": ids, "image_png": [png_base64(img) for img in pixels]})
 
 

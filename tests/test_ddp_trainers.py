@@ -22,7 +22,8 @@ from vim_core.config import parse_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import iter_batches, read_manifest
 from vim_core.data.tokenize import tokenize_dataset
-from vim_core.tokenizer.model import build_tokenizer, save_tokenizer
+from vim_core.tokenizer.export import save_tokenizer
+from vim_core.tokenizer.model import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "helpers_ddp_trainers.py"

@@ -19,7 +19,8 @@ from tests.test_transformer_stage import stage2_params
 from vim_core.config import parse_params
 from vim_core.errors import VimError
 from vim_core.io import sha256_file
-from vim_core.tokenizer.model import build_tokenizer, save_tokenizer, to_model_range
+from vim_core.tokenizer.export import save_tokenizer
+from vim_core.tokenizer.model import build_tokenizer, to_model_range
 from vim_core.train.tracking import NullTracker
 from vim_core.transformer.export import save_transformer
 from vim_core.transformer.gpt import VIM
@@ -139,7 +140,7 @@ def test_generator_takes_class_ids_and_sampling_options(logged):
 
 
 def test_tokenizer_and_transformer_models(logged, micro):
-    from vim_core.tokenizer.model import load_tokenizer
+    from vim_core.tokenizer.export import load_tokenizer
 
     tok = _load(logged["vit-vqgan"])
     images = np.random.default_rng(0).integers(0, 256, (3, 1, 32, 32), dtype=np.uint8)

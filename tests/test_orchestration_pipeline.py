@@ -244,7 +244,8 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
 
     from flows.pyfunc_models import decode_png
     from vim_core.data.shards import load_split
-    from vim_core.tokenizer.model import load_tokenizer, to_model_range
+    from vim_core.tokenizer.export import load_tokenizer
+    from vim_core.tokenizer.model import to_model_range
 
     gen = mlflow.pyfunc.load_model("models:/vim-generator@champion")
     sig = gen.metadata.signature

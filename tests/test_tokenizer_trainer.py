@@ -7,7 +7,7 @@ import torch
 
 from vim_core.config import parse_params
 from vim_core.data.prepare import prepare
-from vim_core.tokenizer.model import load_tokenizer
+from vim_core.tokenizer.export import load_tokenizer
 from vim_core.train.tokenizer_trainer import train_tokenizer
 
 MICRO_VIT = {"blocks": 1, "heads": 2, "dim": 32, "mlp_dim": 64}

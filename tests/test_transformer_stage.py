@@ -13,7 +13,8 @@ from tests.test_tokenizer_trainer import micro_params
 from vim_core.config import parse_params
 from vim_core.data.shards import load_split, read_manifest
 from vim_core.io import sha256_file
-from vim_core.tokenizer.model import load_tokenizer, to_model_range
+from vim_core.tokenizer.export import load_tokenizer
+from vim_core.tokenizer.model import to_model_range
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer
 

@@ -51,12 +51,11 @@ def _pretrain_transformer(args: argparse.Namespace) -> int:
 
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from vim_core.data.sources import decode_image
     from vim_core.io import atomic_path, sha256_file
-    from vim_core.tokenizer.model import load_tokenizer, to_model_range
+    from vim_core.tokenizer.export import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer).eval()
     arrays = []
@@ -68,12 +67,7 @@ def _encode(args: argparse.Namespace) -> int:
             raise VimError(f"{path}: cannot read ({err.strerror})") from None
         except ValueError as err:
             raise VimError(f"{path}: not a readable image ({err})") from None
-    images = np.stack(arrays)
-    tokens = []
-    with torch.inference_mode():
-        for lo in tqdm(range(0, len(images), args.batch_size), desc="encode", unit="batch"):
-            tokens.append(tok.encode(to_model_range(images[lo : lo + args.batch_size])).numpy())
-    out = np.concatenate(tokens).astype(np.uint16)
+    out = tok.encode_uint8(np.stack(arrays), args.batch_size).numpy().astype(np.uint16)
     with atomic_path(args.out, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
@@ -98,9 +92,8 @@ def _load_tokens(path: str):
 
 def _decode(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
-    from vim_core.tokenizer.model import load_tokenizer, to_uint8
+    from vim_core.tokenizer.export import load_tokenizer
     from vim_core.train.tracking import save_image
 
     tok = load_tokenizer(args.tokenizer).eval()
@@ -112,11 +105,8 @@ def _decode(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
-        for lo in tqdm(range(0, len(tokens), args.batch_size), desc="decode", unit="batch"):
-            images = to_uint8(tok.decode(tokens[lo : lo + args.batch_size])).numpy()
-            for i, img in enumerate(images):
-                save_image(img, out / f"{lo + i:06d}.png")
+    for i, img in enumerate(tok.decode_uint8(tokens, args.batch_size)):
+        save_image(img, out / f"{i:06d}.png")
     print(f"{out}: {len(tokens)} images")
     return 0
 
@@ -126,7 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from vim_core.eval.grids import image_grid
     from vim_core.io import sha256_file
-    from vim_core.tokenizer.model import load_tokenizer, to_uint8
+    from vim_core.tokenizer.export import load_tokenizer
     from vim_core.train.tracking import save_image
     from vim_core.transformer.export import load_transformer
     from vim_core.transformer.sampling import sample
@@ -156,8 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
         progress=True,
         batch_size=args.batch_size,
     )
-    with torch.inference_mode():
-        images = to_uint8(tok.decode(tokens)).numpy()
+    images = tok.decode_uint8(tokens)
     save_image(
         image_grid(images, columns=model.num_classes if labels is not None and args.class_id is None else 8),
         Path(args.out),

@@ -86,9 +86,13 @@ class CNNConfig(StrictModel):
 
 
 class TokenizerModelConfig(StrictModel):
-    """Architecture and quantizer of a tokenizer; image_size and channels come from the data section."""
+    """Architecture and quantizer of a tokenizer; image_size and channels come from the data section.
 
-    arch: Literal["vit", "cnn"] = "vit"
+    arch "palette" is the iGPT baseline: no network, pixels at palette_resolution snapped to a k-means
+    colour palette fitted on the train split. It reads only the palette_* fields.
+    """
+
+    arch: Literal["vit", "cnn", "palette"] = "vit"
     encoder: str | ViTConfig = Field(default="tiny", description="preset name or explicit ViT config")
     decoder: str | ViTConfig = Field(default="tiny", description="preset name or explicit ViT config")
     patch_size: int = Field(default=4, ge=1, le=64, description="paper: 8; the CNN downsamples by it too")
@@ -109,6 +113,14 @@ class TokenizerModelConfig(StrictModel):
     logit_laplace: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     cnn: CNNConfig = Field(default_factory=CNNConfig)
+    # iGPT used 512 RGB clusters at 32-64 px; 16 grey levels at 16 px suit the embedded 32 px MNIST.
+    palette_clusters: int = Field(default=16, ge=2, le=65536, description="palette colours (iGPT: 512)")
+    palette_resolution: int | None = Field(
+        default=16, ge=1, le=1024, description="side of the reduced image; None: the full image size"
+    )
+    palette_fit_pixels: int = Field(
+        default=200_000, ge=1, le=100_000_000, description="train pixel vectors k-means sees, seeded sample"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TokenizerModelConfig":
@@ -130,7 +142,15 @@ class TokenizerModelConfig(StrictModel):
         return resolve_vit(self.decoder)
 
     def grid(self, image_size: int) -> int:
-        return patch_grid(image_size, self.patch_size)
+        """Tokens per side; raises ValueError when the config does not fit image_size."""
+        if self.arch != "palette":
+            return patch_grid(image_size, self.patch_size)
+        side = self.palette_resolution or image_size
+        if side > image_size:
+            raise ValueError(
+                f"tokenizer.model.palette_resolution {side} must not exceed data.image_size {image_size}"
+            )
+        return side
 
 
 class DiscriminatorConfig(StrictModel):

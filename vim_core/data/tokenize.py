@@ -3,15 +3,13 @@
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from vim_core.data.shards import ShardWriter, iter_shards, read_manifest
 from vim_core.errors import VimError
 from vim_core.io import atomic_dir, sha256_file
-from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range
+from vim_core.tokenizer.export import load_tokenizer
 
 
-@torch.inference_mode()
 def tokenize_dataset(
     tokenizer_path: str,
     prepared_root: str | Path,
@@ -20,11 +18,11 @@ def tokenize_dataset(
     device: str = "cpu",
     progress: bool = False,
 ) -> dict:
-    """Write out_dir atomically (temp dir, then rename); returns the manifest."""
+    """Write out_dir atomically (temp dir, then rename); returns the manifest. Any tokenizer arch works."""
 
     from tqdm import tqdm
 
-    tokenizer: VQTokenizer = load_tokenizer(tokenizer_path, map_location=device).eval()
+    tokenizer = load_tokenizer(tokenizer_path, map_location=device).eval()
     if tokenizer.codebook_size > 65536:
         raise VimError(f"codebook of {tokenizer.codebook_size} codes does not fit uint16 token shards")
     source = read_manifest(prepared_root)
@@ -43,12 +41,10 @@ def tokenize_dataset(
         bar = tqdm(total=total, desc="tokenize_dataset", unit="img", disable=not progress)
         for split in sorted(source["splits"]):
             for images, labels in iter_shards(prepared_root, split):
-                for lo in range(0, len(images), batch_size):
-                    x = to_model_range(images[lo : lo + batch_size]).to(device)
-                    tokens = tokenizer.encode(x).cpu().numpy().astype(np.uint16)
-                    for t, y in zip(tokens, labels[lo : lo + batch_size], strict=True):
-                        writer.add(split, t, int(y))
-                    bar.update(len(x))
+                tokens = tokenizer.encode_uint8(images, batch_size).numpy().astype(np.uint16)
+                for t, y in zip(tokens, labels, strict=True):
+                    writer.add(split, t, int(y))
+                bar.update(len(images))
         bar.close()
         manifest = writer.close(
             {

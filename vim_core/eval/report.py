@@ -21,8 +21,8 @@ from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
 from vim_core.eval.ssim import ssim
 from vim_core.io import spec_hash
+from vim_core.tokenizer.export import Tokenizer, load_tokenizer
 from vim_core.tokenizer.metrics import codebook_usage, psnr
-from vim_core.tokenizer.model import VQTokenizer, load_tokenizer, to_model_range, to_uint8
 from vim_core.train.tracking import save_image
 from vim_core.transformer.export import load_transformer
 from vim_core.transformer.gpt import VIM
@@ -47,22 +47,6 @@ def eval_config_hash(params: Params) -> str:
     eval.json records it and the registry's `vim.eval_config_hash` tags carry it; promotion compares them.
     """
     return spec_hash(eval_config_spec(params))
-
-
-@torch.inference_mode()
-def decode_tokens(tokenizer: VQTokenizer, tokens: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """Token grids (N, L) -> uint8 images (N, C, H, W), in batches."""
-    return np.concatenate(
-        [to_uint8(tokenizer.decode(tokens[i : i + batch])).numpy() for i in range(0, len(tokens), batch)]
-    )
-
-
-@torch.inference_mode()
-def encode_images(tokenizer: VQTokenizer, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> token grids (N, L), in batches."""
-    return torch.cat(
-        [tokenizer.encode(to_model_range(images[i : i + batch])) for i in range(0, len(images), batch)]
-    )
 
 
 def _classifier(
@@ -154,7 +138,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         seed=e.seed,
         batch_size=s.batch_size,
     )
-    images = decode_tokens(tokenizer, tokens)
+    images = tokenizer.decode_uint8(tokens)
     timings["sampling"] = round(time.monotonic() - t, 1)
     probs = predict_proba(clf, images)
     plain, plain_labels = images[:n], (labels[:n] if conditional else None)
@@ -205,8 +189,8 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
 
     # Reconstruction.
     t = time.monotonic()
-    test_tokens = encode_images(tokenizer, test_x)
-    recon = decode_tokens(tokenizer, test_tokens)
+    test_tokens = tokenizer.encode_uint8(test_x)
+    recon = tokenizer.decode_uint8(test_tokens)
     out["rfid_domain"] = dm(recon, test_x)["fid_domain"]
     x01 = torch.from_numpy(test_x).float() / 255
     r01 = torch.from_numpy(recon).float() / 255
@@ -231,8 +215,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     # null class, without guidance; an unconditional VIM's plain samples already are.
     t = time.monotonic()
     if conditional:
-        uncond = decode_tokens(
-            tokenizer,
+        uncond = tokenizer.decode_uint8(
             sample(
                 vim,
                 n,
@@ -272,7 +255,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     return out
 
 
-def _unigram_images(params: Params, tokenizer: VQTokenizer, n: int, seed: int) -> np.ndarray:
+def _unigram_images(params: Params, tokenizer: Tokenizer, n: int, seed: int) -> np.ndarray:
     tokens, _ = load_split(params.transformer.tokens_dir, "train")
     counts = np.bincount(tokens.astype(np.int64).ravel(), minlength=tokenizer.codebook_size).astype(
         np.float64
@@ -281,13 +264,13 @@ def _unigram_images(params: Params, tokenizer: VQTokenizer, n: int, seed: int) -
     draws = torch.multinomial(
         torch.from_numpy(counts / counts.sum()), n * tokens.shape[1], replacement=True, generator=gen
     )
-    return decode_tokens(tokenizer, draws.view(n, -1))
+    return tokenizer.decode_uint8(draws.view(n, -1))
 
 
 def _probe(
     params: Params,
     vim: VIM,
-    tokenizer: VQTokenizer,
+    tokenizer: Tokenizer,
     train_x,
     train_y,
     test_x,
@@ -299,7 +282,7 @@ def _probe(
     limit = params.evaluate.max_probe_train or len(train_x)
     idx = np.random.default_rng(params.evaluate.seed).permutation(len(train_x))[:limit]
     tr_x, tr_y = train_x[idx], train_y[idx]
-    tr_tokens = encode_images(tokenizer, tr_x)
+    tr_tokens = tokenizer.encode_uint8(tr_x)
     seed = params.evaluate.seed
     # Every block is probed (the curve over depth); the held-out train rows alone pick the block.
     curve = probe_blocks(

@@ -1,23 +1,25 @@
-"""One tokenizer interface for ViT-VQGAN and the CNN baseline, plus pixel-range helpers and save/load.
+"""One tokenizer interface for ViT-VQGAN and the CNN baseline, plus pixel-range helpers.
 
 A trainer only sees `VQTokenizer`: encode(x) -> token ids, decode(ids) -> image, forward(x) -> TokenizerOutput.
+Consumers of a trained tokenizer use encode_uint8/decode_uint8 from `UInt8Codec`, which the palette tokenizer
+shares. Save/load live in export.py.
 """
 
+import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from vim_core.config.tokenizer import TokenizerModelConfig
-from vim_core.errors import VimError
-from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
 from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
 from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
 
-FORMAT = "vim-tokenizer/1"
+if TYPE_CHECKING:
+    from vim_core.tokenizer.palette import PaletteTokenizer
 
 # Pixels are squeezed from [0, 1] into [eps, 1 - eps] before the logit, as in DALL-E, so the logit
 # (and so the likelihood) stays finite at pure black and white.
@@ -51,7 +53,43 @@ class TokenizerOutput:
     laplace_log_scale: torch.Tensor | None = None
 
 
-class VQTokenizer(nn.Module):
+class UInt8Codec:
+    """Batched uint8 pixels <-> token ids for any nn.Module tokenizer with encode(x) and decode(ids).
+
+    Batches are cut in order from the start, so a given batch_size gives bit-identical results to a loop
+    over the same slices; models on CPU are not guaranteed bit-identical across batch sizes.
+    """
+
+    def _device(self) -> torch.device:
+        first = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @torch.inference_mode()
+    def encode_uint8(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> token ids (N, L) long on the CPU, encoded on the model's device."""
+        device = self._device()
+        parts = [
+            self.encode(to_model_range(images[lo : lo + batch_size]).to(device)).cpu()
+            for lo in range(0, len(images), batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, self.num_tokens, dtype=torch.long)
+
+    @torch.inference_mode()
+    def decode_uint8(self, tokens: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        """Token ids (N, L), any integer dtype (token shards are uint16) -> uint8 images (N, C, H, W)."""
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+        device = self._device()
+        parts = [
+            to_uint8(self.decode(tokens[lo : lo + batch_size].to(device))).cpu().numpy()
+            for lo in range(0, len(tokens), batch_size)
+        ]
+        if not parts:
+            return np.zeros((0, self.channels, self.image_size, self.image_size), dtype=np.uint8)
+        return np.concatenate(parts)
+
+
+class VQTokenizer(UInt8Codec, nn.Module):
     """encoder (image -> (B, N, dim)) + quantizer + decoder ((B, N, dim) -> image)."""
 
     def __init__(
@@ -110,9 +148,18 @@ class VQTokenizer(nn.Module):
         return self.quantizer.codebook_parameters()
 
 
-def build_tokenizer(cfg: TokenizerModelConfig, image_size: int, channels: int) -> VQTokenizer:
-    """The tokenizer cfg describes, for images of image_size x image_size with `channels` channels."""
+def build_tokenizer(
+    cfg: TokenizerModelConfig, image_size: int, channels: int
+) -> "VQTokenizer | PaletteTokenizer":
+    """The tokenizer cfg describes, for images of image_size x image_size with `channels` channels.
+
+    A palette tokenizer comes back unfitted (all-zero palette): fit_palette_tokenizer or a load fills it.
+    """
     grid = cfg.grid(image_size)
+    if cfg.arch == "palette":
+        from vim_core.tokenizer.palette import PaletteTokenizer  # palette.py imports the helpers below
+
+        return PaletteTokenizer(image_size, channels, grid, cfg.palette_clusters, cfg)
     out_channels = channels * (2 if cfg.logit_laplace else 1)  # mean and log-scale per pixel
     quant = dict(
         codebook_size=cfg.codebook_size,
@@ -151,24 +198,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def save_tokenizer(model: VQTokenizer, cfg: TokenizerModelConfig, path: str) -> None:
-    """Weights as safetensors, with the config in the file's metadata so load_tokenizer can rebuild it."""
-    spec = {"model": cfg.model_dump(mode="json"), "image_size": model.image_size, "channels": model.channels}
-    save_safetensors_with_spec(model.state_dict(), spec, FORMAT, path)
-
-
-def load_tokenizer(path: str, map_location: str | torch.device = "cpu") -> VQTokenizer:
-    """Rebuild a tokenizer saved by save_tokenizer; a bad file raises a one-line VimError."""
-    state, spec = load_safetensors_with_spec(path, FORMAT, "tokenizer")
-    try:
-        cfg = TokenizerModelConfig.model_validate(spec["model"])
-        model = build_tokenizer(cfg, int(spec["image_size"]), int(spec["channels"]))
-    except (KeyError, ValueError, TypeError, ValidationError) as err:
-        raise VimError(f"tokenizer file {path} has an unusable config: {str(err).splitlines()[0]}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:  # shape mismatch: the file does not fit its own config
-        raise VimError(f"cannot load weights from {path}: {str(err).splitlines()[0]}") from None
-    return model.to(map_location)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from vim_core.config.pipeline import TokenizerSection
 from vim_core.data.shards import load_split, read_manifest
 from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, r1_penalty
+from vim_core.tokenizer.export import Tokenizer, save_tokenizer
 from vim_core.tokenizer.losses import build_perceptual_loss, reconstruction_losses
 from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr, throughput
-from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, save_tokenizer, to_model_range, to_uint8
+from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, to_model_range
 from vim_core.train import distributed as vdist
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
@@ -293,32 +294,33 @@ def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:
 
 @torch.no_grad()
 def evaluate_tokenizer(
-    model: VQTokenizer,
+    model: Tokenizer,
     data_root: str | Path,
     cfg: TokenizerSection,
     device: torch.device,
     plots_dir: str | Path | None = None,
 ) -> dict:
-    """Test-split reconstruction metrics and codebook usage in the paper's definition."""
+    """Test-split reconstruction metrics and codebook usage in the paper's definition.
+
+    Pixel metrics use the float reconstruction (clamped), not its uint8 rounding, on the same batches.
+    """
     e = cfg.eval
     images, _ = load_split(data_root, "test", e.max_test_images)
-    indices, l1s, l2s, psnrs = [], [], [], []
-    for i in range(0, len(images), e.usage_batch_size):
-        x = to_model_range(images[i : i + e.usage_batch_size]).to(device)
-        idx = model.encode(x)
-        recon = model.decode(idx).clamp(-1, 1)
-        x01, r01 = (x + 1) / 2, (recon + 1) / 2
-        n = len(x)
-        indices.append(idx.cpu())
+    b = e.usage_batch_size
+    idx = model.encode_uint8(images, b)
+    l1s, l2s, psnrs = [], [], []
+    for i in range(0, len(images), b):
+        x01 = (to_model_range(images[i : i + b]).to(device) + 1) / 2
+        r01 = (model.decode(idx[i : i + b].to(device)).clamp(-1, 1) + 1) / 2
+        n = len(x01)
         l1s.append(float(F.l1_loss(r01, x01)) * n)
         l2s.append(float(F.mse_loss(r01, x01)) * n)
         psnrs.append(float(psnr(r01, x01)) * n)
-    idx = torch.cat(indices)
     n = len(images)
     k = model.codebook_size
     metrics = {
-        "codebook_usage": round(codebook_usage(idx, k, e.usage_batch_size), 4),
-        "codebook_usage_definition": f"fraction of the {k} codes used per batch of {e.usage_batch_size} test "
+        "codebook_usage": round(codebook_usage(idx, k, b), 4),
+        "codebook_usage_definition": f"fraction of the {k} codes used per batch of {b} test "
         f"images, averaged over the full batches of the test split ({n} images)",
         "codebook_usage_all_test": round(
             float(torch.bincount(idx.flatten(), minlength=k).gt(0).float().mean()), 4
@@ -332,28 +334,21 @@ def evaluate_tokenizer(
     }
     if plots_dir is not None:
         save_reconstruction_grid(
-            model, images[: e.grid_images], Path(plots_dir) / "tokenizer_reconstructions.png", device
+            model, images[: e.grid_images], Path(plots_dir) / "tokenizer_reconstructions.png"
         )
     return metrics
 
 
-@torch.no_grad()
-def save_reconstruction_grid(
-    model: VQTokenizer, images: np.ndarray, path: Path, device: torch.device
-) -> None:
-    """Originals on odd rows, reconstructions on the row below each, 8 per row."""
-    from vim_core.train.tracking import save_image
+def save_reconstruction_grid(model: Tokenizer, images: np.ndarray, path: Path, per_row: int = 8) -> None:
+    """Originals on one row, their reconstructions on the row below, `per_row` per row."""
+    from torchvision.utils import make_grid, save_image
 
-    x = to_model_range(images).to(device)
-    recon = to_uint8(model.decode(model.encode(x))).cpu().numpy()
-    per_row = 8
+    recon = torch.from_numpy(model.decode_uint8(model.encode_uint8(images)))
     rows = []
-    for i in range(0, len(images), per_row):
-        a, b = images[i : i + per_row], recon[i : i + per_row]
-        if len(a) < per_row:
-            pad = np.zeros((per_row - len(a), *a.shape[1:]), dtype=np.uint8)
-            a, b = np.concatenate([a, pad]), np.concatenate([b, pad])
-        rows += [np.concatenate(list(a), axis=-1), np.concatenate(list(b), axis=-1)]
-    grid = np.concatenate(rows, axis=-2)  # (C, H, W)
+    for lo in range(0, len(images), per_row):
+        a, b = torch.from_numpy(images[lo : lo + per_row]), recon[lo : lo + per_row]
+        blank = torch.zeros(per_row - len(a), *a.shape[1:], dtype=torch.uint8)  # a short last row
+        rows += [a, blank, b, blank]
+    grid = make_grid(torch.cat(rows).float() / 255, nrow=per_row, padding=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
