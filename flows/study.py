@@ -40,6 +40,18 @@ from vim_core.io import atomic_write_text
 
 log = logging.getLogger("vim.study")
 
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task (shown by the CLI and the UI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 REPO = Path(__file__).resolve().parents[1]
 SLUG = r"^[a-z0-9][a-z0-9_-]*$"
 METRIC_FILES = {
@@ -222,7 +234,9 @@ def stop_leftover(cwd: Path, study: str) -> None:
         return
     with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
         pgid = int(pidfile.read_text().strip())
-        log.warning("stopping the experiment left running by an interrupted study (process group %d)", pgid)
+        _log().warning(
+            "stopping the experiment left running by an interrupted study (process group %d)", pgid
+        )
         os.killpg(pgid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
 
@@ -232,7 +246,7 @@ def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
     cmd = [_dvc(), "exp", "run", "--temp", "-n", run.name]
     for key, value in run.overrides.items():
         cmd += ["-S", f"++{key}={hydra_value(value)}"]  # ++: add the key when params.yaml lacks it
-    log.info("$ %s", " ".join(cmd))
+    _log().info("$ %s", " ".join(cmd))
     pidfile = _pidfile(cwd, run.study)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
@@ -251,7 +265,7 @@ def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
             line = line.rstrip()
             if line:
                 tail.append(line)
-                log.info(line)
+                _log().info(line)
         proc.wait()
     except BaseException:  # Ctrl-C or a flow cancellation: take the experiment down with us
         with contextlib.suppress(ProcessLookupError):
@@ -276,7 +290,7 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
     want = expected_params(run, cwd_path / params_path)
     have = experiments(cwd_path).get(run.name)
     if have is not None and have["params"] == want:
-        log.info("%s: done already with these params, skipped", run.name)
+        _log().info("%s: done already with these params, skipped", run.name)
         return "skipped"
     if have is not None:  # the study file or params.yaml changed since: that result is stale
         subprocess.run([_dvc(), "exp", "remove", run.name], cwd=cwd_path, env=_env(), check=True)
@@ -307,6 +321,18 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 # ---- the report
 
 
+def lookup(data: dict, key: str):
+    """data[key], or a nested value by dotted path (probe_test_accuracy_by_block.2)."""
+    if key in data:
+        return data[key]
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def summarize(values: list[float]) -> dict:
     """Mean, sample standard deviation (n - 1) and the values themselves, so a reader sees the spread."""
     n = len(values)
@@ -325,7 +351,7 @@ def build_report(spec: StudySpec, exps: dict[str, dict], study_file: str) -> dic
         per_run = [exps[r.name]["metrics"] for r in runs]
         metrics = {}
         for m in spec.metrics:
-            values = [(pm.get(METRIC_FILES[m.source]) or {}).get(m.key) for pm in per_run]
+            values = [lookup(pm.get(METRIC_FILES[m.source]) or {}, m.key) for pm in per_run]
             if all(isinstance(v, int | float) for v in values):
                 metrics[m.key] = summarize([float(v) for v in values])
         budget = {}

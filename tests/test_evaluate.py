@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.test_transformer_stage import stage2, stage2_params  # noqa: F401  (module fixture)
+from tests.test_transformer_stage import stage2_params
 from vim_core.config import apply_overrides, parse_params
 from vim_core.data.prepare import prepare
 from vim_core.eval.report import eval_config_hash, eval_config_spec, evaluate

@@ -181,3 +181,26 @@ def test_uint8_codec_equals_the_per_batch_loop(arch, digits):
     np.testing.assert_array_equal(model.decode_uint8(tokens.numpy().astype(np.uint16), batch), recon)
     assert model.encode_uint8(images[:0]).shape == (0, 64)
     assert model.decode_uint8(tokens[:0]).shape == (0, 1, 32, 32)
+
+
+def test_palette_runs_through_the_trainers_as_the_igpt_baseline(stage2, tmp_path):
+    """train_tokenizer fits (no steps), tokenize_dataset writes 16x16 grids, VIM trains on 256 tokens."""
+    from tests.test_transformer_stage import stage2_params
+    from vim_core.train.tokenizer_trainer import train_tokenizer
+    from vim_core.train.transformer_trainer import train_transformer
+
+    raw = stage2_params(stage2, steps=6)
+    raw["tokenizer"]["model"].update(arch="palette", palette_clusters=8, palette_resolution=16)
+    raw["tokenizer"]["out_dir"] = str(tmp_path / "palette")
+    raw["transformer"].update(tokens_dir=str(tmp_path / "tokens"), out_dir=str(tmp_path / "vim"))
+    raw["transformer"]["checkpoint_dir"] = str(tmp_path / "ckpt")
+    params = parse_params(raw)
+    run = train_tokenizer(params.tokenizer, params.data.out_dir, seed=0, plots_dir=tmp_path / "plots")
+    assert run.metrics["steps"] == 0 and run.metrics["train_flops"] == 0.0
+    assert 0 < run.metrics["codebook_usage"] <= 1 and run.metrics["psnr"] > 10
+    assert (tmp_path / "plots" / "tokenizer_reconstructions.png").stat().st_size > 0
+    manifest = tokenize_dataset(str(run.model_path), params.data.out_dir, tmp_path / "tokens")
+    assert manifest["grid"] == [16, 16] and manifest["codebook_size"] == 8
+    vim = train_transformer(params.transformer, seed=0).metrics
+    assert vim["steps"] == 6 and vim["val_bits_per_token"] < 3.0  # log2(8) = 3 bits is the uniform floor
+    assert vim["flops_per_step"] > 0 and vim["train_flops"] == pytest.approx(6 * vim["flops_per_step"])

@@ -5,16 +5,15 @@ Consumers of a trained tokenizer use encode_uint8/decode_uint8 from `UInt8Codec`
 shares. Save/load live in export.py.
 """
 
-import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
 from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.tokenizer.cnn_baseline import CNNDecoder, CNNEncoder
+from vim_core.tokenizer.pixels import UInt8Codec, to_model_range, to_uint8  # noqa: F401  (re-exported)
 from vim_core.tokenizer.quantizer import FactorizedQuantizer
 from vim_core.tokenizer.vit import ViTDecoder, ViTEncoder
 
@@ -51,42 +50,6 @@ class TokenizerOutput:
     stats: dict[str, torch.Tensor]  # batch "usage" fraction and "perplexity", at least
     laplace_loc: torch.Tensor | None = None  # logit-space mean, only with logit_laplace
     laplace_log_scale: torch.Tensor | None = None
-
-
-class UInt8Codec:
-    """Batched uint8 pixels <-> token ids for any nn.Module tokenizer with encode(x) and decode(ids).
-
-    Batches are cut in order from the start, so a given batch_size gives bit-identical results to a loop
-    over the same slices; models on CPU are not guaranteed bit-identical across batch sizes.
-    """
-
-    def _device(self) -> torch.device:
-        first = next(itertools.chain(self.parameters(), self.buffers()), None)
-        return first.device if first is not None else torch.device("cpu")
-
-    @torch.inference_mode()
-    def encode_uint8(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """uint8 images (N, C, H, W) -> token ids (N, L) long on the CPU, encoded on the model's device."""
-        device = self._device()
-        parts = [
-            self.encode(to_model_range(images[lo : lo + batch_size]).to(device)).cpu()
-            for lo in range(0, len(images), batch_size)
-        ]
-        return torch.cat(parts) if parts else torch.empty(0, self.num_tokens, dtype=torch.long)
-
-    @torch.inference_mode()
-    def decode_uint8(self, tokens: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """Token ids (N, L), any integer dtype (token shards are uint16) -> uint8 images (N, C, H, W)."""
-        if not isinstance(tokens, torch.Tensor):
-            tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64))
-        device = self._device()
-        parts = [
-            to_uint8(self.decode(tokens[lo : lo + batch_size].to(device))).cpu().numpy()
-            for lo in range(0, len(tokens), batch_size)
-        ]
-        if not parts:
-            return np.zeros((0, self.channels, self.image_size, self.image_size), dtype=np.uint8)
-        return np.concatenate(parts)
 
 
 class VQTokenizer(UInt8Codec, nn.Module):
@@ -157,7 +120,7 @@ def build_tokenizer(
     """
     grid = cfg.grid(image_size)
     if cfg.arch == "palette":
-        from vim_core.tokenizer.palette import PaletteTokenizer  # palette.py imports the helpers below
+        from vim_core.tokenizer.palette import PaletteTokenizer  # palette.py never imports this module
 
         return PaletteTokenizer(image_size, channels, grid, cfg.palette_clusters, cfg)
     out_channels = channels * (2 if cfg.logit_laplace else 1)  # mean and log-scale per pixel
@@ -181,19 +144,6 @@ def build_tokenizer(
         quantizer = FactorizedQuantizer(cfg.cnn.z_channels, code_dim=None, l2_normalize=False, **quant)
         decoder = CNNDecoder(cfg.cnn, out_channels, grid)
     return VQTokenizer(encoder, quantizer, decoder, image_size, channels, grid, cfg.logit_laplace, cfg)
-
-
-def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (numpy or torch) -> float32 in [-1, 1]."""
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    if t.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects uint8 pixels, got {t.dtype}")
-    return t.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (clamped) -> uint8 pixels."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:

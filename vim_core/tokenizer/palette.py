@@ -20,7 +20,7 @@ from torch import nn
 from vim_core.config.tokenizer import TokenizerModelConfig
 from vim_core.data.shards import iter_shards, read_manifest
 from vim_core.errors import VimError
-from vim_core.tokenizer.model import UInt8Codec, build_tokenizer, to_model_range
+from vim_core.tokenizer.pixels import UInt8Codec, to_model_range
 
 _CHUNK_ELEMENTS = 1 << 22  # (pixels x clusters) distances held at once: 32 MB of float64
 
@@ -183,7 +183,8 @@ def fit_palette_tokenizer(cfg: TokenizerModelConfig, data_root: str | Path, seed
     if cfg.arch != "palette":
         raise ValueError(f"fit_palette_tokenizer needs tokenizer.model.arch palette, got {cfg.arch!r}")
     manifest = read_manifest(data_root)
-    model = build_tokenizer(cfg, manifest["image_size"], manifest["channels"])
+    size = manifest["image_size"]
+    model = PaletteTokenizer(size, manifest["channels"], cfg.grid(size), cfg.palette_clusters, cfg)
     pixels = _sample_pixels(model, data_root, cfg.palette_fit_pixels, seed)
     if len(pixels) == 0:
         raise VimError(f"{data_root}: the train split holds no images to fit a palette on")

@@ -1,6 +1,7 @@
 """Train a ViT-VQGAN (or the CNN baseline) on a prepared dataset, then evaluate it on the test split."""
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from vim_core.tokenizer.export import Tokenizer, save_tokenizer
 from vim_core.tokenizer.losses import build_perceptual_loss, reconstruction_losses
 from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr, throughput
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, to_model_range
+from vim_core.tokenizer.palette import fit_palette_tokenizer
 from vim_core.train import distributed as vdist
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
@@ -155,6 +157,8 @@ def train_tokenizer(
     Per-step metrics go to `tracker` and, with plots_dir, to CSVs there (tokenizer_loss.csv, ...) and to
     out_dir/log/metrics.jsonl; a resumed run rewrites those from its checkpoint's step on.
     """
+    if cfg.model.arch == "palette":
+        return fit_palette_run(cfg, data_root, seed, tracker, plots_dir)
     t = cfg.train
     manifest = read_manifest(data_root)
     image_size, channels = manifest["image_size"], manifest["channels"]
@@ -278,6 +282,40 @@ def train_tokenizer(
         )
     vdist.barrier()
     return TrainRun(model=final, metrics=metrics, model_path=model_path)
+
+
+def fit_palette_run(
+    cfg: TokenizerSection,
+    data_root: str | Path,
+    seed: int = 0,
+    tracker: Tracker | None = None,
+    plots_dir: str | Path | None = None,
+) -> TrainRun:
+    """The iGPT baseline's tokenizer: a k-means colour palette, fitted rather than trained, so it takes no
+    gradient steps and no FLOP budget (train.steps/flops are not used). Evaluated and exported like the rest."""
+    info = vdist.init_distributed(cfg.train.device)
+    started = time.monotonic()
+    model = fit_palette_tokenizer(cfg.model, data_root, seed).to(info.device).eval()
+    metrics = {
+        "steps": 0,
+        "train_flops": 0.0,
+        "flops_per_step": 0.0,
+        "flops_definition": "no gradient training: a k-means palette fit (its arithmetic is not counted)",
+        "fit_seconds": round(time.monotonic() - started, 2),
+        "resumed_from": 0,
+        "world_size": info.world_size,
+    }
+    model_path = Path(cfg.out_dir) / "tokenizer.safetensors"
+    if info.is_main:
+        metrics.update(evaluate_tokenizer(model, data_root, cfg, info.device, plots_dir))
+        metrics.update(throughput(model, model.channels, model.image_size, info.device))
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        save_tokenizer(model, cfg.model, str(model_path))
+        if tracker is not None:
+            tracker.log_params({"tokenizer": cfg.model_dump(mode="json"), "seed": seed})
+            tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, 0)
+    vdist.barrier()
+    return TrainRun(model=model, metrics=metrics, model_path=model_path)
 
 
 def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:
