@@ -20,13 +20,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vim_core.config.tokenizer import LossConfig, TokenizerModelConfig
 from vim_core.config.transformer import resolve_model
+from vim_core.timing import time_calls
 from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss
 from vim_core.tokenizer.losses import reconstruction_losses
 from vim_core.tokenizer.model import build_tokenizer
@@ -59,18 +59,7 @@ def count_flops(step) -> int:
 
 def timed(step, device: torch.device, steps: int, warmup: int) -> float:
     """Median seconds per step after `warmup` steps (which include torch.compile's compilation)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(step, device, steps, warmup))
 
 
 def tokenizer_bench(args, device: torch.device) -> dict:

@@ -106,10 +106,19 @@ def run_stage(flow: Callable[..., object], argv: list[str] | None = None) -> int
     parser = argparse.ArgumentParser(description=flow.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    return run_flow_cli(
+        lambda: load_params(args.params),  # fail before Prefect starts, in one line per problem
+        lambda: flow(params_path=args.params, return_state=True),
+    )
+
+
+def run_flow_cli(validate: Callable[[], object], run: Callable[[], object]) -> int:
+    """validate(), then run() a flow for its final state: exit 0, or one line per problem and exit 2 for
+    bad input files (ConfigError) or 1 for any other VimError, including a failed flow run."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        load_params(args.params)  # fail before Prefect starts, in one line per problem
-        state = flow(params_path=args.params, return_state=True)
+        validate()
+        state = run()
         if state.is_failed():
             raise VimError(state.message or "the flow failed")
     except VimError as err:

@@ -33,6 +33,7 @@ import yaml
 from prefect import flow, task
 from pydantic import Field, ValidationError, field_validator
 
+from flows.common import run_flow_cli
 from vim_core.config import apply_overrides, format_validation_error, load_params
 from vim_core.config.base import StrictModel
 from vim_core.errors import ConfigError, VimError
@@ -563,23 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", default="reports")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        load_study(args.study, args.params)  # fail before Prefect starts, one line per problem
-        state = study_flow(args.study, args.params, args.report_only, args.out_dir, return_state=True)
-        if state.is_failed():
-            raise VimError(state.message or "the study failed")
-    except ConfigError as err:
-        for line in err.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except VimError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return run_flow_cli(
+            lambda: load_study(args.study, args.params),  # fail before Prefect starts, one line per problem
+            lambda: study_flow(args.study, args.params, args.report_only, args.out_dir, return_state=True),
+        )
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume at the unfinished run", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ LAYERS = {
     "vim_core.errors": 0,
     "vim_core.io": 0,
     "vim_core.layers": 0,
+    "vim_core.timing": 0,
     "vim_core.data": 1,
     "vim_core.tokenizer": 1,
     "vim_core.transformer": 1,

@@ -11,6 +11,29 @@ from vim_core.errors import VimError
 from vim_core.transformer.gpt import VIM
 
 
+def _batched(model: VIM, tokens, labels, batch_size: int, device, features) -> list[torch.Tensor]:
+    """features(x, y) over batches of tokens in eval mode, without gradients; outputs on the CPU, float32."""
+    device = torch.device(device) if device is not None else model.head.weight.device
+    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).long()
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return [
+                features(
+                    tokens[lo : lo + batch_size].to(device),
+                    labels[lo : lo + batch_size].to(device) if labels is not None else None,
+                )
+                .float()
+                .cpu()
+                for lo in range(0, len(tokens), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+
+
 def extract_features(
     model: VIM,
     tokens: torch.Tensor | np.ndarray,
@@ -23,24 +46,8 @@ def extract_features(
 
     Leave labels None for probing: a conditional model then sees its null class, not the answer.
     """
-    device = torch.device(device) if device is not None else model.head.weight.device
-    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).long()
-    if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).long()
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for lo in range(0, len(tokens), batch_size):
-                x = tokens[lo : lo + batch_size].to(device)
-                y = labels[lo : lo + batch_size].to(device) if labels is not None else None
-                out.append(model.features(x, y, block).float().cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.zeros(0, model.cfg.dim)
-    return torch.cat(out)
+    out = _batched(model, tokens, labels, batch_size, device, lambda x, y: model.features(x, y, block))
+    return torch.cat(out) if out else torch.zeros(0, model.cfg.dim)
 
 
 def extract_block_features(
@@ -51,21 +58,8 @@ def extract_block_features(
 ) -> torch.Tensor:
     """extract_features() of every block at once: (layers, N, dim) float32 on CPU; the null class for a
     conditional model, as for probing."""
-    device = torch.device(device) if device is not None else model.head.weight.device
-    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).long()
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for lo in range(0, len(tokens), batch_size):
-                feats = model.block_features(tokens[lo : lo + batch_size].to(device))
-                out.append(torch.stack(feats).float().cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.zeros(model.cfg.layers, 0, model.cfg.dim)
-    return torch.cat(out, dim=1)
+    out = _batched(model, tokens, None, batch_size, device, lambda x, y: torch.stack(model.block_features(x)))
+    return torch.cat(out, dim=1) if out else torch.zeros(model.cfg.layers, 0, model.cfg.dim)
 
 
 def _as_float(x) -> torch.Tensor:

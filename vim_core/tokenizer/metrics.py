@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from vim_core.timing import time_calls
 from vim_core.tokenizer.quantizer import perplexity_from_counts
 
 
@@ -68,8 +69,6 @@ def throughput(
     encode is image -> token ids (encoder + quantizer), decode is ids -> image; each is timed as the best
     of `repeats` runs after one warm-up, so a background blip does not decide the figure.
     """
-    import time
-
     was_training = model.training
     model.eval()
     x = torch.rand((batch, channels, image_size, image_size), generator=torch.Generator().manual_seed(0))
@@ -77,17 +76,7 @@ def throughput(
     ids = model.encode(x)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return batch / min(times)
+        return batch / min(time_calls(fn, device, repeats))
 
     out = {
         "encode_images_per_s": round(best(lambda: model.encode(x)), 1),

@@ -18,28 +18,15 @@ from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, to_model_range
 from vim_core.tokenizer.palette import fit_palette_tokenizer
 from vim_core.train import distributed as vdist
+from vim_core.train import run
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
-from vim_core.train.run import (
-    RunContext,
-    StepResult,
-    TrainRun,
-    checkpointer,
-    count_flops,
-    fingerprint,
-    frozen_copy,
-    open_tracker,
-    resolve_budget,
-    run_steps,
-    start_run,
-    train_batches,
-)
 from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-TokenizerRun = TrainRun  # the name callers know
+TokenizerRun = run.TrainRun  # the name callers know
 
 
 def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -> str:
@@ -51,7 +38,7 @@ def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -
         "seed": seed,
     }
     spec["tokenizer"]["train"].pop("resume", None)
-    return fingerprint(spec)
+    return run.fingerprint(spec)
 
 
 def _optimizer(params_groups: list[dict], cfg: TokenizerSection, fused: bool) -> torch.optim.Optimizer:
@@ -109,7 +96,7 @@ def _r1_due(cfg: TokenizerSection, step: int) -> bool:
 
 
 def step_flops(
-    cfg: TokenizerSection, ctx: RunContext, model, disc, perceptual, shape
+    cfg: TokenizerSection, ctx: run.RunContext, model, disc, perceptual, shape
 ) -> list[tuple[int, int]]:
     """FLOPs of one training step on this rank, as (first step, FLOPs) phases: before and after the GAN.
 
@@ -118,14 +105,14 @@ def step_flops(
     """
     device = ctx.device
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    m = frozen_copy(model).train()
-    d = frozen_copy(disc).train() if disc is not None else None
+    m = run.frozen_copy(model).train()
+    d = run.frozen_copy(disc).train() if disc is not None else None
 
     def generator(gan_on: bool):
         return lambda: _generator_losses(cfg, m, d, perceptual, x, gan_on, device)[1]["total"].backward()
 
     # Warm-up first, so a one-off codebook initialisation from data is not counted as a step.
-    plain = count_flops(generator(False), warmup=True)
+    plain = run.count_flops(generator(False), warmup=True)
     if d is None:
         return [(0, plain)]
     fake = x.flip(0)
@@ -138,9 +125,9 @@ def step_flops(
 
         return run
 
-    with_gan = count_flops(generator(True))
-    d_plain = count_flops(disc_step(False))
-    r1_extra = count_flops(disc_step(True)) - d_plain if cfg.loss.r1_weight > 0 else 0
+    with_gan = run.count_flops(generator(True))
+    d_plain = run.count_flops(disc_step(False))
+    r1_extra = run.count_flops(disc_step(True)) - d_plain if cfg.loss.r1_weight > 0 else 0
     gan_phase = with_gan + d_plain + round(r1_extra / cfg.loss.r1_every)
     return [(0, plain), (cfg.loss.adversarial_start_step, gan_phase)]
 
@@ -151,7 +138,7 @@ def train_tokenizer(
     seed: int = 0,
     tracker: Tracker | None = None,
     plots_dir: str | Path | None = None,
-) -> TrainRun:
+) -> run.TrainRun:
     """Train, checkpoint, resume, evaluate and export. Under torchrun every rank calls this.
 
     Per-step metrics go to `tracker` and, with plots_dir, to CSVs there (tokenizer_loss.csv, ...) and to
@@ -163,7 +150,7 @@ def train_tokenizer(
     manifest = read_manifest(data_root)
     image_size, channels = manifest["image_size"], manifest["channels"]
     n_train = manifest["splits"]["train"]["count"]
-    ctx = start_run(t, "tokenizer", n_train, data_root)
+    ctx = run.start_run(t, "tokenizer", n_train, data_root)
     device = ctx.device  # cuda:LOCAL_RANK under torchrun on GPUs
 
     set_seed(seed)
@@ -179,7 +166,7 @@ def train_tokenizer(
     phases = step_flops(
         cfg, ctx, model, disc, perceptual, (ctx.local_batch, channels, image_size, image_size)
     )
-    budget = resolve_budget(t, "tokenizer", phases, ctx.info.world_size)
+    budget = run.resolve_budget(t, "tokenizer", phases, ctx.info.world_size)
     fused = device.type == "cuda"  # one fused AdamW kernel per step on GPUs
     opt = _optimizer(_param_groups(model, cfg), cfg, fused)
     sched = make_scheduler(opt, t.schedule, budget.steps)
@@ -200,14 +187,14 @@ def train_tokenizer(
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, optimizers, schedulers)
     if start >= budget.steps:
         log.info("checkpoint at step %d already covers the %d steps", start, budget.steps)
-    tracker = open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "tokenizer", start)
+    tracker = run.open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "tokenizer", start)
 
     net = maybe_compile(vdist.wrap_ddp(model, ctx.info), t.compile)
     if disc is not None:
         # D stays outside DDP: it runs frozen in the generator step and through R1's double backward,
         # which DDP's reducer cannot follow. Its gradients are averaged by hand (all_reduce_grads).
         vdist.broadcast_module(disc)
-    batches = train_batches(ctx, data_root, t.batch_size, n_train, seed, start)
+    batches = run.train_batches(ctx, data_root, t.batch_size, n_train, seed, start)
     tracker.log_params(
         {
             "tokenizer": cfg.model_dump(mode="json"),
@@ -218,7 +205,7 @@ def train_tokenizer(
         }
     )
 
-    def step_fn(step: int, batch) -> StepResult:
+    def step_fn(step: int, batch) -> run.StepResult:
         images, _ = batch
         x = to_model_range(images).to(device, non_blocking=True)
         gan_on = disc is not None and step >= cfg.loss.adversarial_start_step
@@ -243,20 +230,11 @@ def train_tokenizer(
         extra = {f"train/{k}": v for k, v in out.stats.items()}
         extra["train/grad_norm"] = grad_norm
         extra["train/lr"] = sched.get_last_lr()[0]
-        return StepResult(terms, extra)
+        return run.StepResult(terms, extra)
 
+    save = run.checkpointer(ckpt_dir, modules, optimizers, schedulers, t.keep_checkpoints)
     model.train()
-    train_seconds = run_steps(
-        ctx,
-        t,
-        budget.steps,
-        start,
-        batches,
-        step_fn,
-        checkpointer(ckpt_dir, modules, optimizers, schedulers, t.keep_checkpoints),
-        tracker,
-        "train_tokenizer",
-    )
+    seconds = run.run_steps(ctx, t, budget.steps, start, batches, step_fn, save, tracker, "train_tokenizer")
     final = model
     if ema is not None:
         final = build_tokenizer(cfg.model, image_size, channels).to(device)
@@ -266,7 +244,7 @@ def train_tokenizer(
     metrics = {
         **budget.metrics(ctx.info.world_size),
         "resumed_from": start,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(seconds, 2),
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
     }
@@ -281,16 +259,10 @@ def train_tokenizer(
             {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, budget.steps
         )
     vdist.barrier()
-    return TrainRun(model=final, metrics=metrics, model_path=model_path)
+    return run.TrainRun(model=final, metrics=metrics, model_path=model_path)
 
 
-def fit_palette_run(
-    cfg: TokenizerSection,
-    data_root: str | Path,
-    seed: int = 0,
-    tracker: Tracker | None = None,
-    plots_dir: str | Path | None = None,
-) -> TrainRun:
+def fit_palette_run(cfg: TokenizerSection, data_root, seed: int, tracker, plots_dir) -> run.TrainRun:
     """The iGPT baseline's tokenizer: a k-means colour palette, fitted rather than trained, so it takes no
     gradient steps and no FLOP budget (train.steps/flops are not used). Evaluated and exported like the rest."""
     info = vdist.init_distributed(cfg.train.device)
@@ -315,7 +287,7 @@ def fit_palette_run(
             tracker.log_params({"tokenizer": cfg.model_dump(mode="json"), "seed": seed})
             tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, 0)
     vdist.barrier()
-    return TrainRun(model=model, metrics=metrics, model_path=model_path)
+    return run.TrainRun(model=model, metrics=metrics, model_path=model_path)
 
 
 def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:

@@ -10,22 +10,9 @@ from vim_core.config.pipeline import TransformerSection
 from vim_core.config.transformer import TransformerModelConfig
 from vim_core.data.shards import iter_shards, read_manifest
 from vim_core.train import distributed as vdist
+from vim_core.train import run
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
-from vim_core.train.run import (
-    RunContext,
-    StepResult,
-    TrainRun,
-    checkpointer,
-    count_flops,
-    fingerprint,
-    frozen_copy,
-    open_tracker,
-    resolve_budget,
-    run_steps,
-    start_run,
-    train_batches,
-)
 from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import Tracker
 from vim_core.transformer.export import save_transformer
@@ -33,7 +20,7 @@ from vim_core.transformer.gpt import VIM
 
 log = logging.getLogger(__name__)
 
-TransformerRun = TrainRun  # the name callers know
+TransformerRun = run.TrainRun  # the name callers know
 
 
 def model_config_for(cfg: TransformerSection, tokens_manifest: dict) -> TransformerModelConfig:
@@ -61,7 +48,7 @@ def transformer_fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed
         "tokens": [s["sha256"] for sp in tokens_manifest["splits"].values() for s in sp["shards"]],
         "seed": seed,
     }
-    return fingerprint(spec)
+    return run.fingerprint(spec)
 
 
 def _loss(net, x: torch.Tensor, y: torch.Tensor | None, bf16: bool) -> torch.Tensor:
@@ -70,15 +57,15 @@ def _loss(net, x: torch.Tensor, y: torch.Tensor | None, bf16: bool) -> torch.Ten
     return loss
 
 
-def step_flops(cfg: TransformerSection, ctx: RunContext, model: VIM) -> list[tuple[int, int]]:
+def step_flops(cfg: TransformerSection, ctx: run.RunContext, model: VIM) -> list[tuple[int, int]]:
     """FLOPs of one training step on this rank (forward + backward), counted on a copy."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.vocab_size, (ctx.local_batch, model.seq_len), generator=g).to(ctx.device)
     y = None
     if model.num_classes > 0:
         y = torch.randint(0, model.num_classes, (ctx.local_batch,), generator=g).to(ctx.device)
-    m = frozen_copy(model).train()
-    return [(0, count_flops(lambda: _loss(m, x, y, cfg.train.bf16).backward()))]
+    m = run.frozen_copy(model).train()
+    return [(0, run.count_flops(lambda: _loss(m, x, y, cfg.train.bf16).backward()))]
 
 
 @torch.no_grad()
@@ -117,18 +104,18 @@ def train_transformer(
     seed: int = 0,
     tracker: Tracker | None = None,
     plots_dir: str | Path | None = None,
-) -> TrainRun:
+) -> run.TrainRun:
     """Train, checkpoint, resume, measure validation bits/token and export. Every torchrun rank calls this."""
     t = cfg.train
     manifest = read_manifest(cfg.tokens_dir)
     n_train = manifest["splits"]["train"]["count"]
-    ctx = start_run(t, "transformer", n_train, cfg.tokens_dir)
+    ctx = run.start_run(t, "transformer", n_train, cfg.tokens_dir)
     device = ctx.device  # cuda:LOCAL_RANK under torchrun on GPUs
 
     set_seed(seed)
     model = build_vim(cfg, manifest).to(device)
     conditional = model.num_classes > 0
-    budget = resolve_budget(t, "transformer", step_flops(cfg, ctx, model), ctx.info.world_size)
+    budget = run.resolve_budget(t, "transformer", step_flops(cfg, ctx, model), ctx.info.world_size)
     opt = model.configure_optimizers(t.weight_decay, t.schedule.peak_lr, t.betas)  # fused on CUDA
     sched = make_scheduler(opt, t.schedule, budget.steps)
     modules: dict = {"model": model}
@@ -138,7 +125,7 @@ def train_transformer(
     fp = transformer_fingerprint(cfg, manifest, seed)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, {"model": opt}, {"model": sched})
-    tracker = open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "transformer", start)
+    tracker = run.open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "transformer", start)
     tracker.log_params(
         {
             "transformer": cfg.model_dump(mode="json"),
@@ -150,9 +137,9 @@ def train_transformer(
         }
     )
     net = maybe_compile(vdist.wrap_ddp(model, ctx.info), t.compile)
-    batches = train_batches(ctx, cfg.tokens_dir, t.batch_size, n_train, seed, start)
+    batches = run.train_batches(ctx, cfg.tokens_dir, t.batch_size, n_train, seed, start)
 
-    def step_fn(step: int, batch) -> StepResult:
+    def step_fn(step: int, batch) -> run.StepResult:
         tokens, labels = batch
         x = torch.from_numpy(tokens.astype("int64")).to(device, non_blocking=True)
         y = torch.from_numpy(labels).to(device) if conditional else None
@@ -166,19 +153,12 @@ def train_transformer(
         if ema is not None:
             ema.update(model)
         losses = {"train": loss.detach(), "train_bits_per_token": loss.detach() / math.log(2)}
-        return StepResult(losses, {"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
+        return run.StepResult(losses, {"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
 
+    save = run.checkpointer(ckpt_dir, modules, {"model": opt}, {"model": sched}, t.keep_checkpoints)
     model.train()
-    train_seconds = run_steps(
-        ctx,
-        t,
-        budget.steps,
-        start,
-        batches,
-        step_fn,
-        checkpointer(ckpt_dir, modules, {"model": opt}, {"model": sched}, t.keep_checkpoints),
-        tracker,
-        "pretrain_transformer",
+    seconds = run.run_steps(
+        ctx, t, budget.steps, start, batches, step_fn, save, tracker, "pretrain_transformer"
     )
     if ema is not None:
         ema.copy_to(model)
@@ -187,11 +167,11 @@ def train_transformer(
     metrics = {
         **budget.metrics(ctx.info.world_size),
         "resumed_from": start,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(seconds, 2),
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
         "params": model.num_params(),
-        "tokens_per_second": round(steps_run * t.batch_size * model.seq_len / max(train_seconds, 1e-9), 1),
+        "tokens_per_second": round(steps_run * t.batch_size * model.seq_len / max(seconds, 1e-9), 1),
     }
     out_path = Path(cfg.out_dir) / "transformer.safetensors"
     if ctx.info.is_main:
@@ -210,4 +190,4 @@ def train_transformer(
             },
         )
     vdist.barrier()
-    return TrainRun(model=model, metrics=metrics, model_path=out_path)
+    return run.TrainRun(model=model, metrics=metrics, model_path=out_path)
