@@ -191,30 +191,28 @@ def expected_params(run: Run, params_path: Path) -> dict:
     return json.loads(json.dumps(raw))
 
 
-def experiments(cwd: Path) -> dict[str, dict]:
-    """name -> {"params", "metrics"} for the experiments on the current commit (`dvc exp show --json`)."""
+def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
+    """name -> {"params", "metrics", "state"} for the experiments on the current commit (`dvc exp show`).
+
+    finished=True keeps only completed ones: `dvc exp show` also lists a running experiment (with its
+    baseline's metrics) and a failed one, neither of which is a result.
+    """
     out = subprocess.run(
         [_dvc(), "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, env=_env()
     )
     if out.returncode != 0:
         raise VimError(f"dvc exp show failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
     found: dict[str, dict] = {}
-
-    def walk(node) -> None:
-        if isinstance(node, list):
-            for item in node:
-                walk(item)
-        elif isinstance(node, dict):
-            data = node.get("data")
-            if node.get("name") and isinstance(data, dict) and node.get("rev") != "workspace":
-                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                metrics = {k: (v or {}).get("data") for k, v in (data.get("metrics") or {}).items()}
-                found.setdefault(node["name"], {"params": params, "metrics": metrics, "rev": node.get("rev")})
-            for value in node.values():
-                if isinstance(value, list | dict):
-                    walk(value)
-
-    walk([entry.get("experiments") for entry in json.loads(out.stdout) if isinstance(entry, dict)])
+    for baseline in json.loads(out.stdout):
+        for exp in (baseline.get("experiments") or []) if isinstance(baseline, dict) else []:
+            state = (exp.get("executor") or {}).get("state", "success")
+            rev = (exp.get("revs") or [{}])[0]
+            data = rev.get("data") or {}
+            if not rev.get("name") or (finished and state != "success"):
+                continue
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            metrics = {k: (v or {}).get("data") for k, v in (data.get("metrics") or {}).items()}
+            found.setdefault(rev["name"], {"params": params, "metrics": metrics, "state": state})
     return found
 
 
@@ -289,11 +287,11 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
 
     cwd_path = Path(cwd)
     want = expected_params(run, cwd_path / params_path)
-    have = experiments(cwd_path).get(run.name)
-    if have is not None and have["params"] == want:
+    have = experiments(cwd_path, finished=False).get(run.name)
+    if have is not None and have["state"] == "success" and have["params"] == want:
         _log().info("%s: done already with these params, skipped", run.name)
         return "skipped"
-    if have is not None:  # the study file or params.yaml changed since: that result is stale
+    if have is not None:  # failed, killed, or stale (the study file or params.yaml changed since)
         subprocess.run([_dvc(), "exp", "remove", run.name], cwd=cwd_path, env=_env(), check=True)
     tags = {"vim.study": run.study, "vim.arm": run.arm, "vim.seed": str(run.seed)}
     extra = {"VIM_STUDY": run.study, "VIM_ARM": run.arm, "VIM_SEED": str(run.seed)}
