@@ -122,8 +122,21 @@ def test_paper_config_is_valid_and_holds_the_papers_recipe():
     assert (tok.model.dead_code_threshold, tok.model.codebook_init) == (0.0, "normal")  # no remedies
     assert (tok.train.steps, tok.train.batch_size, tok.train.schedule.peak_lr) == (500_000, 256, 1e-4)
     assert (vim.resolved_model().layers, vim.resolved_model().dim, vim.train.steps) == (24, 1536, 450_000)
-    assert vim.train.schedule.peak_lr == 4.5e-4 and vim.probe.block == 10
+    assert vim.train.schedule.peak_lr == 4.5e-4 and vim.probe.block == 9  # 0-based: the paper's 10th
     assert vim.model == "vim-base" and vim.resolved_model().cfg_dropout == 0.0  # the paper: no label dropout
+
+
+def test_paper_probe_config_is_the_unsupervised_variant():
+    """Same recipe, but an unconditional VIM-Base and no perceptual (ImageNet-supervised VGG) loss."""
+    sup = load_params(REPO / "configs" / "paper_ss_imagenet256.yaml")
+    p = load_params(REPO / "configs" / "paper_ss_imagenet256_probe.yaml")
+    model = p.transformer.resolved_model()
+    assert model.num_classes == 0 and p.tokenizer.loss.perceptual_weight == 0.0
+    assert model.model_dump(exclude={"num_classes"}) == sup.transformer.resolved_model().model_dump(
+        exclude={"num_classes"}
+    )
+    assert p.transformer.train == sup.transformer.train and p.transformer.probe.block == 9
+    assert p.tokenizer.model == sup.tokenizer.model and p.tokenizer.train == sup.tokenizer.train
 
 
 def test_label_dropout_is_a_training_choice_not_a_preset_default():
