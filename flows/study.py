@@ -292,7 +292,12 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
         _log().info("%s: done already with these params, skipped", run.name)
         return "skipped"
     if have is not None:  # failed, killed, or stale (the study file or params.yaml changed since)
-        subprocess.run([_dvc(), "exp", "remove", run.name], cwd=cwd_path, env=_env(), check=True)
+        removed = subprocess.run(
+            [_dvc(), "exp", "remove", run.name], cwd=cwd_path, env=_env(), capture_output=True, text=True
+        )
+        if removed.returncode != 0:
+            cause = (removed.stderr.strip().splitlines() or ["no output"])[-1]
+            raise VimError(f"{run.name}: cannot remove its earlier {have['state']} experiment: {cause}")
     tags = {"vim.study": run.study, "vim.arm": run.arm, "vim.seed": str(run.seed)}
     extra = {"VIM_STUDY": run.study, "VIM_ARM": run.arm, "VIM_SEED": str(run.seed)}
     parent = pipeline_run(run.name, tags=tags) if enabled() else contextlib.nullcontext(None)
