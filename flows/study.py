@@ -345,13 +345,18 @@ def summarize(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
-def build_report(spec: StudySpec, exps: dict[str, dict], study_file: str) -> dict:
+def build_report(
+    spec: StudySpec, exps: dict[str, dict], study_file: str, partial: bool = False, cwd: Path = REPO
+) -> dict:
+    """The report of every finished run; with partial, unfinished runs are listed as missing, not an error."""
     arms: dict[str, dict] = {}
+    missing = [r.name for r in spec.runs() if r.name not in exps]
+    if missing and not partial:
+        raise VimError(f"no finished experiment for {missing}; run the study first (or --partial)")
     for arm, arm_spec in spec.arms.items():
-        runs = [r for r in spec.runs() if r.arm == arm]
-        missing = [r.name for r in runs if r.name not in exps]
-        if missing:
-            raise VimError(f"no finished experiment for {missing}; run the study first")
+        runs = [r for r in spec.runs() if r.arm == arm and r.name in exps]
+        if not runs:
+            continue
         per_run = [exps[r.name]["metrics"] for r in runs]
         metrics = {}
         for m in spec.metrics:
@@ -380,9 +385,10 @@ def build_report(spec: StudySpec, exps: dict[str, dict], study_file: str) -> dic
         "question": spec.question,
         "study_file": study_file,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git(cwd, "rev-parse", "HEAD"),  # the experiments' baseline commit
         "machine": _machine(),
-        "compare": spec.compare,
+        "compare": [a for a in spec.compare if a in arms],
+        "missing_runs": missing,
         "arms": arms,
         "comparison": _comparison(spec, arms),
         "paper": spec.paper,
@@ -392,7 +398,7 @@ def build_report(spec: StudySpec, exps: dict[str, dict], study_file: str) -> dic
 
 def _comparison(spec: StudySpec, arms: dict) -> dict:
     """For the headline pair: the difference of means, and whether the seeds' ranges overlap."""
-    if len(spec.compare) != 2:
+    if len(spec.compare) != 2 or not all(a in arms for a in spec.compare):
         return {}
     a, b = spec.compare
     out = {}
@@ -414,8 +420,8 @@ def _comparison(spec: StudySpec, arms: dict) -> dict:
     return out
 
 
-def _git(*args: str) -> str | None:
-    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+def _git(cwd: Path, *args: str) -> str | None:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else None
 
 
@@ -450,6 +456,10 @@ def render_markdown(report: dict, spec: StudySpec) -> str:
         f"{report['created']}, {report['machine']}. Each cell: mean ± sample standard deviation over seeds "
         "(n = seeds); every seed's value is in the JSON.",
         "",
+    ]
+    if report["missing_runs"]:
+        lines += [f"**Partial report: not run yet: {', '.join(report['missing_runs'])}.**", ""]
+    lines += [
         "| metric | " + " | ".join(arms) + "".join(f" | paper: {a}" for a in paper_arms) + " |",
         "|---" * (1 + len(arms) + len(paper_arms)) + "|",
     ]
@@ -532,8 +542,8 @@ def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path) -> dict:
-    report = build_report(spec, experiments(cwd), study_file)
+def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path, partial: bool = False) -> dict:
+    report = build_report(spec, experiments(cwd), study_file, partial, cwd)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / f"{spec.name}.md", render_markdown(report, spec))
@@ -546,7 +556,11 @@ def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path) -> 
 
 @flow(name="study")
 def study_flow(
-    study_file: str, params_path: str = "params.yaml", report_only: bool = False, out_dir: str = "reports"
+    study_file: str,
+    params_path: str = "params.yaml",
+    report_only: bool = False,
+    out_dir: str = "reports",
+    partial: bool = False,
 ):
     """Run a study's arms as DVC experiments (skipping those done), then write its report."""
     cwd = Path.cwd()
@@ -555,7 +569,7 @@ def study_flow(
         stop_leftover(cwd, spec.name)
         for run in spec.runs():
             run_arm(run, str(cwd), params_path)
-    return write_report(spec, cwd, study_file, cwd / out_dir)
+    return write_report(spec, cwd, study_file, cwd / out_dir, partial)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,12 +579,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="only rebuild the report from `dvc exp show`"
     )
+    parser.add_argument(
+        "--partial", action="store_true", help="with --report-only: report the finished runs, list the rest"
+    )
     parser.add_argument("--out-dir", default="reports")
     args = parser.parse_args(argv)
     try:
         return run_flow_cli(
             lambda: load_study(args.study, args.params),  # fail before Prefect starts, one line per problem
-            lambda: study_flow(args.study, args.params, args.report_only, args.out_dir, return_state=True),
+            lambda: study_flow(
+                args.study, args.params, args.report_only, args.out_dir, args.partial, return_state=True
+            ),
         )
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume at the unfinished run", file=sys.stderr)
