@@ -510,13 +510,28 @@ def render_markdown(report: dict, spec: StudySpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
-    """One panel per metric: each arm's seeds as dots and their mean as a bar."""
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
+    """One panel per metric: each arm's seeds as dots and their mean as a bar."""
+    plt = _pyplot()
     shown = [m for m in spec.metrics if any(m.key in a["metrics"] for a in report["arms"].values())]
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
@@ -535,11 +550,45 @@ def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     fig.suptitle(report["title"], fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
+
+
+def curves(spec: StudySpec) -> dict[str, list[tuple[int, MetricSpec]]]:
+    """Metrics indexed by position (`probe_test_accuracy_by_block.2`), grouped into curves by their prefix."""
+    out: dict[str, list[tuple[int, MetricSpec]]] = {}
+    for m in spec.metrics:
+        prefix, _, index = m.key.rpartition(".")
+        if prefix and index.isdigit():
+            out.setdefault(prefix, []).append((int(index), m))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len(v) > 1}
+
+
+def render_curves(report: dict, spec: StudySpec, path: Path) -> bool:
+    """One panel per curve (the probe over depth): each arm's mean with its seeds' range, per index."""
+    groups = curves(spec)
+    if not groups:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, (prefix, points) in zip(axes.flat, groups.items(), strict=True):
+        for i, (arm, data) in enumerate(report["arms"].items()):
+            stats = [(x, data["metrics"].get(m.key)) for x, m in points]
+            stats = [(x, s) for x, s in stats if s]
+            if not stats:
+                continue
+            xs = [x for x, _ in stats]
+            ax.plot(xs, [s["mean"] for _, s in stats], marker="o", color=f"C{i}", label=arm)
+            lo = [min(s["values"]) for _, s in stats]
+            hi = [max(s["values"]) for _, s in stats]
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_xticks([x for x, _ in points])
+        ax.set_xlabel("index (0-based)", fontsize=8)
+        ax.set_title(prefix, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(report["title"] + " (line: mean over seeds; band: the seeds' range)", fontsize=9)
+    _save_figure(fig, path)
+    return True
 
 
 def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path, partial: bool = False) -> dict:
@@ -548,6 +597,7 @@ def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path, par
     atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / f"{spec.name}.md", render_markdown(report, spec))
     render_plot(report, spec, out_dir / f"{spec.name}.png")
+    render_curves(report, spec, out_dir / f"{spec.name}_curves.png")
     return report
 
 
