@@ -5,8 +5,8 @@
 
 A study file names arms; each arm is a set of params.yaml overrides, run once per seed as
 `dvc exp run --temp -n <study>-<arm>-s<seed> -S key=value ...`, one at a time. `--temp` keeps the
-workspace untouched, DVC's run cache reuses stages whose inputs match an earlier run (the default
-pipeline, another arm's tokenizer), and `dvc exp show` lists every arm afterwards. A run that already
+workspace untouched, stages the workspace's dvc.lock already holds are not rerun (DVC's run cache is
+off for the training stages, whose loss curves persist), and `dvc exp show` lists every arm afterwards. A run that already
 exists with the same params is skipped, so a study killed with Ctrl-C or SIGKILL resumes at the run it
 was in. Each run gets an MLflow pipeline run tagged vim.study / vim.arm / vim.seed, which its stage runs
 nest under, and the arm's metrics are logged on it for comparison in the UI.
