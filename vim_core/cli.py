@@ -8,11 +8,23 @@ from vim_core.errors import ConfigError, VimError
 
 
 def _check_params(args: argparse.Namespace) -> int:
-    from vim_core.config import load_params
+    from vim_core.config import check_params_file
 
-    load_params(args.path)
+    check_params_file(args.path, _dvc_yaml_for(args.path, args.dvc_yaml))
     print(f"{args.path}: ok")
     return 0
+
+
+def _dvc_yaml_for(params_path: str, given: str | None) -> Path | None:
+    """The dvc.yaml whose stages read the params file: --dvc-yaml, else the one beside it, else ./dvc.yaml."""
+    if given:
+        if not Path(given).is_file():
+            raise VimError(f"{given}: file not found")
+        return Path(given)
+    for candidate in (Path(params_path).parent / "dvc.yaml", Path("dvc.yaml")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
@@ -160,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="validate a params.yaml")
     check.add_argument("path", nargs="?", default="params.yaml")
+    check.add_argument(
+        "--dvc-yaml", help="whose stages' params must all be present (default: beside the file, else ./)"
+    )
     check.set_defaults(func=_check_params)
     tok = sub.add_parser("train-tokenizer", help="train the tokenizer described by params.yaml")
     tok.add_argument("--params", default="params.yaml")
