@@ -24,7 +24,7 @@ _results: dict[str, dict[str, dict]] = {"faults": {}, "bad_inputs": {}, "securit
 
 def case_name(item) -> str:
     callspec = getattr(item, "callspec", None)
-    return callspec.id if callspec is not None else item.originalname
+    return callspec.id if callspec is not None else item.originalname.removeprefix("test_")
 
 
 def pytest_configure(config) -> None:

@@ -93,12 +93,14 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _load_tokens(path: str):
+    import zipfile
+
     import numpy as np
 
     try:
         with np.load(path) as npz:
             return npz["tokens"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise VimError(f"{path}: not a tokens file written by `vim encode` ({type(err).__name__})") from None
 
 
@@ -109,11 +111,19 @@ def _decode(args: argparse.Namespace) -> int:
     from vim_core.train.tracking import save_image
 
     tok = load_tokenizer(args.tokenizer).eval()
-    tokens = torch.from_numpy(_load_tokens(args.tokens).astype("int64"))
-    if tokens.ndim != 2 or tokens.shape[1] != tok.num_tokens or int(tokens.max()) >= tok.codebook_size:
+    raw = _load_tokens(args.tokens)
+    if raw.dtype.kind not in "iu":
+        raise VimError(f"{args.tokens}: token ids must be integers, not {raw.dtype}")
+    tokens = torch.from_numpy(raw.astype("int64"))
+    if tokens.ndim != 2 or tokens.shape[1] != tok.num_tokens or not len(tokens):
         raise VimError(
             f"{args.tokens}: tokens of shape {tuple(tokens.shape)} do not fit this tokenizer "
-            f"({tok.num_tokens} tokens per image, {tok.codebook_size} codes)"
+            f"(N images x {tok.num_tokens} tokens)"
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= tok.codebook_size:
+        raise VimError(
+            f"{args.tokens}: token ids {low}..{high} outside this tokenizer's codebook 0..{tok.codebook_size - 1}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +143,8 @@ def _sample(args: argparse.Namespace) -> int:
     from vim_core.transformer.export import load_transformer
     from vim_core.transformer.sampling import sample
 
+    if args.n < 1:
+        raise VimError(f"-n {args.n}: the number of samples must be >= 1")
     tok = load_tokenizer(args.tokenizer).eval()
     model, extra = load_transformer(args.model)
     expected = extra.get("tokenizer_sha256")
