@@ -5,9 +5,9 @@
 - tests marked `security` give {"name", "ok"};
 - `record_fault(name, injected=, survived=, data_lost=)` adds a fault-injection result.
 
-A case's name is its parametrize id, else the test's name. A section that had no case in this session
-keeps what the file already held, so running one test file does not wipe the others' rows. The file is
-written atomically, sorted by name.
+A case's name is its parametrize id, else the test's name without `test_`. Rows of this session replace
+the file's rows of the same name and the others stay, so running one test file (or one -k case) does not
+wipe the rest; delete the file first for a report of one run alone. Written atomically, sorted by name.
 """
 
 import json
@@ -71,5 +71,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         old = {}
     out = {}
     for section, rows in _results.items():
-        out[section] = [rows[k] for k in sorted(rows)] if rows else old.get(section, [])
+        merged = {row["name"]: row for row in old.get(section, []) if isinstance(row, dict) and "name" in row}
+        merged.update(rows)
+        out[section] = [merged[k] for k in sorted(merged)]
     atomic_write_text(REPORT, json.dumps(out, indent=2) + "\n")

@@ -283,6 +283,18 @@ def test_image_palette_png_with_transparency_is_composited():
     assert grey[0, 0, 0] == 124 and grey[0, 0, 31] == 0  # L of (200, 100, 50); transparent white is black
 
 
+def test_image_mpo_camera_jpeg_gives_its_first_picture():
+    """Accepted: a camera JPEG holding a second picture (MPO) is not an animation; the first is the photo."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    first, preview = Image.new("RGB", (32, 32), (250, 250, 250)), Image.new("RGB", (32, 32), (0, 0, 0))
+    first.save(buf, format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(io.BytesIO(buf.getvalue())).n_frames == 2
+    out = decode_image(buf.getvalue(), 1, 32, "pad")
+    assert abs(float(out.mean()) - 250) < 3
+
+
 def test_image_grey_png_with_transparent_value_is_composited():
     """Accepted: a grey PNG whose tRNS marks value 7 transparent: those pixels become background (0)."""
     arr = np.full((32, 32), 7, np.uint8)

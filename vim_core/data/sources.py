@@ -264,7 +264,8 @@ def decode_image(raw: bytes | np.ndarray, channels: int, size: int, fit: str) ->
                 raise ValueError(
                     f"declares {w}x{h} pixels, above the {MAX_PIXELS} limit (a decompression bomb?)"
                 )
-            if getattr(img, "n_frames", 1) > 1:
+            # A camera JPEG often holds a preview as a second picture (MPO): its first frame is the photo.
+            if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
                 raise ValueError(f"animated image with {img.n_frames} frames; give one frame per file")
             img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
