@@ -18,6 +18,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from vim_core.errors import TransientError
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -51,7 +53,8 @@ def start_ephemeral_api() -> str | None:
     """Start Prefect's ephemeral API server now, so that it dies with this process; return its API URL.
 
     Does nothing (returns None) when PREFECT_API_URL names a server, off Linux, or off the main thread;
-    Prefect then starts its server itself when needed, as before. Safe to call more than once.
+    Prefect then starts its server itself when needed, as before. Safe to call more than once. A server
+    that does not answer in time is a one-line TransientError.
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -74,5 +77,15 @@ def start_ephemeral_api() -> str | None:
                 server_module.subprocess = original
 
         server._run_uvicorn_command = run_with_pdeathsig
-        server.start()
+        try:
+            server.start()
+        except RuntimeError as err:  # Prefect's "Timed out while attempting to connect ..." and its output
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+
+            server.stop()
+            raise TransientError(
+                f"Prefect's ephemeral API server did not answer within {TIMEOUT.value()} s "
+                f"({str(err).splitlines()[0][:120]}); raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+                "or point PREFECT_API_URL at a running server"
+            ) from None
     return server.api_url

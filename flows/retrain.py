@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    start_ephemeral_api()  # in ephemeral mode: dies with this process; the stage processes share it
+    try:
+        start_ephemeral_api()  # in ephemeral mode: dies with this process; the stage processes share it
+    except VimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
     if state.is_failed():
         print(f"error: {state.message or 'retrain failed'}", file=sys.stderr)

@@ -20,7 +20,7 @@ from tests import servers
 
 REPO = Path(__file__).resolve().parents[1]
 INJECTIONS = 3
-SERVER_UP_S = 240  # a fresh ephemeral database migrates first: 15-40 s on 2 busy cores, more when 3 start
+SERVER_UP_S = 300  # a fresh ephemeral database migrates first: 15-40 s on 2 cores, minutes when they are busy
 GONE_WITHIN_S = 15
 
 
@@ -47,13 +47,14 @@ def _uvicorn_children(pid: int) -> list[tuple[int, list[str]]]:
     return found
 
 
-def _start_stage(root: Path) -> subprocess.Popen:
+def _start_stage(root: Path, prefect_home: Path) -> subprocess.Popen:
     root.mkdir(parents=True)
     params = {"data": {"out_dir": str(root / "prepared"), "max_images": 200}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
         **os.environ,
-        **servers.prefect_env(root / "prefect"),
+        **servers.prefect_env(prefect_home),  # shared: its database migrates once, on the first start
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_UP_S),
         "VIM_TRACKING": "off",
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": "1",
@@ -92,38 +93,41 @@ def _half_written(root: Path) -> list[str]:
     )
 
 
-def test_sigkilled_stage_leaves_no_ephemeral_server(tmp_path, record_fault):
-    stages = [_start_stage(tmp_path / f"run{i}") for i in range(INJECTIONS)]
-    survivors, leftovers = [], []
+def _kill_once(root: Path, prefect_home: Path) -> tuple[bool, list[str]]:
+    """Start a stage, SIGKILL it once its server answers; (did the server outlive the wait, leftovers)."""
+    stage = _start_stage(root, prefect_home)
+    server = None
     try:
-        deadline = time.monotonic() + SERVER_UP_S
-        server_pids = [_wait_server(stage, deadline) for stage in stages]
-        for stage in stages:
-            assert stage.poll() is None  # the stage is still running when it is killed
-            stage.send_signal(signal.SIGKILL)
-            stage.wait(10)
+        server = _wait_server(stage, time.monotonic() + SERVER_UP_S)
+        assert stage.poll() is None  # the stage is still running when it is killed
+        stage.send_signal(signal.SIGKILL)
+        stage.wait(10)
         gone_by = time.monotonic() + GONE_WITHIN_S
-        while time.monotonic() < gone_by and any(_proc_state(p) not in (None, "Z") for p in server_pids):
+        while time.monotonic() < gone_by and _proc_state(server) not in (None, "Z"):
             time.sleep(0.1)
-        survivors = [p for p in server_pids if _proc_state(p) not in (None, "Z")]  # a zombie holds no memory
-        leftovers = [f for i in range(INJECTIONS) for f in _half_written(tmp_path / f"run{i}")]
+        survived = _proc_state(server) not in (None, "Z")  # a zombie holds no memory
+        return survived, _half_written(root)
     finally:
-        for stage in stages:
-            if stage.poll() is None:
-                stage.kill()
-                stage.wait(10)
-        for pid, _ in [c for stage in stages for c in _uvicorn_children(stage.pid)]:
-            os.kill(pid, signal.SIGKILL)
-        for pid in survivors:  # what the fix failed to stop: never leak it from the test either
-            with contextlib.suppress(ProcessLookupError):
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait(10)
+        for pid in [server] if server else [pid for pid, _ in _uvicorn_children(stage.pid)]:
+            with contextlib.suppress(ProcessLookupError):  # never leak a server from the test either
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkilled_stage_leaves_no_ephemeral_server(tmp_path, record_fault):
+    """INJECTIONS stage processes, one after another, each SIGKILLed once its ephemeral server is up."""
+    results = [_kill_once(tmp_path / f"run{i}", tmp_path / "prefect") for i in range(INJECTIONS)]
+    survivors = sum(survived for survived, _ in results)
+    leftovers = [f for _, files in results for f in files]
     record_fault(
         "sigkill_stage_ephemeral_prefect_server",
         injected=INJECTIONS,
-        survived=len(survivors),
+        survived=survivors,
         data_lost=len(leftovers),
     )
-    assert not survivors, f"ephemeral servers still running {GONE_WITHIN_S} s after SIGKILL: {survivors}"
+    assert not survivors, f"{survivors} ephemeral servers still running {GONE_WITHIN_S} s after SIGKILL"
     assert not leftovers, f"half-written outputs: {leftovers}"
 
 
@@ -134,3 +138,25 @@ def test_no_server_started_when_an_api_url_is_set():
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert start_ephemeral_api() is None
+
+
+def test_a_server_that_does_not_start_in_time_is_one_line(tmp_path):
+    """An ephemeral server slower than its start-up timeout: the stage exits 1 with one `error:` line and
+    stops the server it started (before the fix: a RuntimeError traceback with the server's output)."""
+    root = tmp_path / "run"
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    stage = _start_stage(root, tmp_path / "prefect")
+    stage.kill()  # only the helper's files are wanted; start again with the short timeout
+    stage.wait(10)
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.prepare_data", "--params", "params.yaml"],
+        cwd=root,
+        env={**os.environ, **servers.prefect_env(tmp_path / "prefect"), **env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(errors) == 1 and "did not answer within 1" in errors[0], errors
+    assert not _half_written(root)
