@@ -108,7 +108,6 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from vim_core.tokenizer.export import load_tokenizer
-    from vim_core.train.tracking import save_image
 
     tok = load_tokenizer(args.tokenizer).eval()
     raw = _load_tokens(args.tokens)
@@ -128,7 +127,7 @@ def _decode(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(tok.decode_uint8(tokens, args.batch_size)):
-        save_image(img, out / f"{i:06d}.png")
+        _save_png(img, out / f"{i:06d}.png")
     print(f"{out}: {len(tokens)} images")
     return 0
 
@@ -139,7 +138,6 @@ def _sample(args: argparse.Namespace) -> int:
     from vim_core.eval.grids import image_grid
     from vim_core.io import sha256_file
     from vim_core.tokenizer.export import load_tokenizer
-    from vim_core.train.tracking import save_image
     from vim_core.transformer.export import load_transformer
     from vim_core.transformer.sampling import sample
 
@@ -171,12 +169,26 @@ def _sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     images = tok.decode_uint8(tokens)
-    save_image(
+    _save_png(
         image_grid(images, columns=model.num_classes if labels is not None and args.class_id is None else 8),
         Path(args.out),
     )
     print(f"{args.out}: {args.n} samples")
     return 0
+
+
+def _save_png(image, path: Path) -> None:
+    """uint8 pixels as a PNG at `path`, whatever its suffix, written atomically: no half-written image."""
+    import io
+
+    from PIL import Image
+
+    from vim_core.io import atomic_write_bytes
+    from vim_core.train.tracking import to_hwc
+
+    buf = io.BytesIO()
+    Image.fromarray(to_hwc(image)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,9 +29,8 @@ def _load_state(path: str, filename: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the user's to replace
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise VimError(
-            f"cannot read weights file {filename} at {path}: {type(err).__name__}: {first[:200]}"
+            f"cannot read weights file {filename} at {path}: {type(err).__name__}: {err}"
         ) from None
     if not isinstance(state, dict):
         raise VimError(f"weights file {filename} at {path} does not hold a state dict")

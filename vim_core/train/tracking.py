@@ -6,7 +6,6 @@ plots/<prefix>_loss.csv with columns step,total,vq; names without a slash go to 
 """
 
 import csv
-import io
 import json
 import math
 import shutil
@@ -16,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from vim_core.io import atomic_write_bytes, atomic_write_text
+from vim_core.io import atomic_write_text
 
 
 @runtime_checkable
@@ -84,9 +83,9 @@ def save_image(image: np.ndarray | torch.Tensor, path: Path) -> None:
     """Write uint8 (H, W), (H, W, C) or (C, H, W) pixels as PNG."""
     from PIL import Image  # only needed when images are logged
 
-    buf = io.BytesIO()
-    Image.fromarray(to_hwc(image)).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())  # a reader never sees half an image
+    arr = to_hwc(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
 
 
 class JsonlTracker:

@@ -21,8 +21,8 @@ def load_transformer(path: str, map_location: str | torch.device = "cpu") -> tup
     try:
         model = VIM.from_spec(spec)
         model.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        detail = lines[1] if len(lines) > 1 else lines[0]  # lines[0] of a load error only says "Error(s) in"
-        raise VimError(f"transformer file {path} does not match its spec ({detail})") from None
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise VimError(
+            f"transformer file {path} does not match its spec ({str(err).splitlines()[0]})"
+        ) from None
     return model.to(map_location).eval(), spec.get("extra", {})
