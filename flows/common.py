@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.ephemeral import start_ephemeral_api
 from flows.stages import Stage, declared
 from vim_core.config import Params, load_params
 from vim_core.errors import ConfigError, TransientError, VimError
@@ -118,6 +119,7 @@ def run_flow_cli(validate: Callable[[], object], run: Callable[[], object]) -> i
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         validate()
+        start_ephemeral_api()  # in ephemeral mode: a server that dies with this process, even on SIGKILL
         state = run()
         if state.is_failed():
             raise VimError(state.message or "the flow failed")

@@ -14,10 +14,15 @@ is, its value holds the sampling options the pipeline evaluated with.
 Class ids come as a DataFrame with a `class_id` column (what `mlflow models serve` hands over for
 {"dataframe_records": [{"class_id": 3}]}), or a list or array of ints. Sampling options are predict
 params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size.
+
+A request holds at most max_images() images (class ids, or images to encode): 256, or the
+VIM_MAX_IMAGES_PER_REQUEST environment variable of the serving process. A bigger one is refused with
+HTTP 400 before any work, so one request cannot hold a server for hours or exhaust its memory.
 """
 
 import base64
 import io
+import os
 
 import mlflow
 import numpy as np
@@ -25,6 +30,22 @@ from mlflow.pyfunc import PythonModel
 
 KINDS = ("tokenizer", "transformer", "generator")
 SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale", "seed", "batch_size")
+
+
+MAX_IMAGES_PER_REQUEST = 256
+MAX_IMAGES_ENV = "VIM_MAX_IMAGES_PER_REQUEST"
+
+
+def max_images() -> int:
+    """Images one request may ask for: VIM_MAX_IMAGES_PER_REQUEST, else MAX_IMAGES_PER_REQUEST."""
+    text = os.environ.get(MAX_IMAGES_ENV, "")
+    return int(text) if text.strip().isdigit() and int(text) > 0 else MAX_IMAGES_PER_REQUEST
+
+
+def _check_count(n: int, what: str) -> None:
+    cap = max_images()
+    if n > cap:
+        raise _bad_input(f"{n} {what} in one request; at most {cap} (set {MAX_IMAGES_ENV} on the server)")
 
 
 def _bad_input(message: str) -> Exception:
@@ -102,6 +123,7 @@ class VimModel(PythonModel):
         if self.kind == "tokenizer":
             return self.encode(model_input)
         ids = class_ids(model_input)
+        _check_count(len(ids), "class ids")
         tokens = self.sample(ids, {**self.defaults, **(params or {})})
         if self.kind == "transformer":
             return tokens.numpy()
@@ -114,6 +136,7 @@ class VimModel(PythonModel):
         want = (self.tokenizer.channels, self.tokenizer.image_size, self.tokenizer.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise _bad_input(f"images must be uint8 (N, {', '.join(map(str, want))}), got {x.shape}")
+        _check_count(len(x), "images")
         return self.tokenizer.encode_uint8(x.astype(np.uint8)).numpy().astype(np.int64)
 
     def sample(self, ids: np.ndarray, opts: dict):

@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient
+from flows.ephemeral import start_ephemeral_api
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
 from flows.publish import publish_pipeline
 from vim_core.config import load_params
@@ -172,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        start_ephemeral_api()  # in ephemeral mode: dies with this process; the stage processes share it
+    except VimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
     if state.is_failed():
         print(f"error: {state.message or 'retrain failed'}", file=sys.stderr)

@@ -9,6 +9,12 @@ import pytest
 
 from tests import servers
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session-scoped real server)
+from tests.reliability import (  # noqa: F401  (reports/reliability.json: its hooks and fixture)
+    pytest_configure,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    record_fault,
+)
 from vim_core.config import Params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split

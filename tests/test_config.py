@@ -167,3 +167,57 @@ def test_label_dropout_is_a_training_choice_not_a_preset_default():
         parse_params(raw), ["transformer.model.layers=3", "transformer.train.cfg_dropout=0.5"]
     )
     assert (out.transformer.resolved_model().layers, out.transformer.resolved_model().cfg_dropout) == (3, 0.5)
+
+
+def test_check_params_agrees_with_dvc_yaml(tmp_path):
+    """Every params key that dvc.yaml's stages name must be in the file: `dvc repro` cannot run without it."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    res = _vim("check-params", str(empty))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {empty}: <root>: the file is empty"
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    del raw["evaluate"], raw["transformer"]["sampling"]
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(raw))
+    res = _vim("check-params", str(partial))
+    assert res.returncode == 2, res.stdout
+    assert res.stderr.strip().splitlines() == [
+        f"error: {partial}: evaluate: missing; dvc.yaml's stage evaluate reads it",
+        f"error: {partial}: transformer.sampling: missing; dvc.yaml's stage evaluate reads it",
+    ]
+    # a dvc.yaml beside the file is the one that counts
+    (tmp_path / "dvc.yaml").write_text("stages:\n  only: {cmd: 'true', params: [seed]}\n")
+    assert _vim("check-params", str(partial)).returncode == 0
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "../../etc/passwd", ""])
+def test_unknown_time_zone_is_refused_at_its_key(zone):
+    with pytest.raises(ConfigError) as info:
+        parse_params({"schedule": {"timezone": zone}})
+    assert info.value.lines == [
+        f"params.yaml: schedule.timezone = {zone!r}: unknown IANA time zone {zone!r} (e.g. UTC, Europe/Paris)"
+    ]
+    assert parse_params({"schedule": {"timezone": "Europe/Paris"}}).schedule.timezone == "Europe/Paris"
+
+
+@pytest.mark.parametrize(
+    "raw, line",
+    [
+        (
+            {"tokenizer": {"model": {"encoder": "huge"}}},
+            "params.yaml: tokenizer.model.encoder = 'huge': unknown ViT preset 'huge'",
+        ),
+        (
+            {"tokenizer": {"model": {"decoder": "huge"}}},
+            "params.yaml: tokenizer.model.decoder = 'huge': unknown ViT preset 'huge'",
+        ),
+        (
+            {"transformer": {"model": "vim-huge"}},
+            "params.yaml: transformer.model = 'vim-huge': unknown VIM preset",
+        ),
+    ],
+)
+def test_unknown_preset_names_its_key_path(raw, line):
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert len(info.value.lines) == 1 and info.value.lines[0].startswith(line)

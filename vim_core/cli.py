@@ -8,11 +8,23 @@ from vim_core.errors import ConfigError, VimError
 
 
 def _check_params(args: argparse.Namespace) -> int:
-    from vim_core.config import load_params
+    from vim_core.config import check_params_file
 
-    load_params(args.path)
+    check_params_file(args.path, _dvc_yaml_for(args.path, args.dvc_yaml))
     print(f"{args.path}: ok")
     return 0
+
+
+def _dvc_yaml_for(params_path: str, given: str | None) -> Path | None:
+    """The dvc.yaml whose stages read the params file: --dvc-yaml, else the one beside it, else ./dvc.yaml."""
+    if given:
+        if not Path(given).is_file():
+            raise VimError(f"{given}: file not found")
+        return Path(given)
+    for candidate in (Path(params_path).parent / "dvc.yaml", Path("dvc.yaml")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
@@ -81,12 +93,14 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _load_tokens(path: str):
+    import zipfile
+
     import numpy as np
 
     try:
         with np.load(path) as npz:
             return npz["tokens"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise VimError(f"{path}: not a tokens file written by `vim encode` ({type(err).__name__})") from None
 
 
@@ -94,19 +108,26 @@ def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from vim_core.tokenizer.export import load_tokenizer
-    from vim_core.train.tracking import save_image
 
     tok = load_tokenizer(args.tokenizer).eval()
-    tokens = torch.from_numpy(_load_tokens(args.tokens).astype("int64"))
-    if tokens.ndim != 2 or tokens.shape[1] != tok.num_tokens or int(tokens.max()) >= tok.codebook_size:
+    raw = _load_tokens(args.tokens)
+    if raw.dtype.kind not in "iu":
+        raise VimError(f"{args.tokens}: token ids must be integers, not {raw.dtype}")
+    tokens = torch.from_numpy(raw.astype("int64"))
+    if tokens.ndim != 2 or tokens.shape[1] != tok.num_tokens or not len(tokens):
         raise VimError(
             f"{args.tokens}: tokens of shape {tuple(tokens.shape)} do not fit this tokenizer "
-            f"({tok.num_tokens} tokens per image, {tok.codebook_size} codes)"
+            f"(N images x {tok.num_tokens} tokens)"
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= tok.codebook_size:
+        raise VimError(
+            f"{args.tokens}: token ids {low}..{high} outside this tokenizer's codebook 0..{tok.codebook_size - 1}"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(tok.decode_uint8(tokens, args.batch_size)):
-        save_image(img, out / f"{i:06d}.png")
+        _save_png(img, out / f"{i:06d}.png")
     print(f"{out}: {len(tokens)} images")
     return 0
 
@@ -117,10 +138,11 @@ def _sample(args: argparse.Namespace) -> int:
     from vim_core.eval.grids import image_grid
     from vim_core.io import sha256_file
     from vim_core.tokenizer.export import load_tokenizer
-    from vim_core.train.tracking import save_image
     from vim_core.transformer.export import load_transformer
     from vim_core.transformer.sampling import sample
 
+    if args.n < 1:
+        raise VimError(f"-n {args.n}: the number of samples must be >= 1")
     tok = load_tokenizer(args.tokenizer).eval()
     model, extra = load_transformer(args.model)
     expected = extra.get("tokenizer_sha256")
@@ -147,7 +169,7 @@ def _sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     images = tok.decode_uint8(tokens)
-    save_image(
+    _save_png(
         image_grid(images, columns=model.num_classes if labels is not None and args.class_id is None else 8),
         Path(args.out),
     )
@@ -155,11 +177,28 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_png(image, path: Path) -> None:
+    """uint8 pixels as a PNG at `path`, whatever its suffix, written atomically: no half-written image."""
+    import io
+
+    from PIL import Image
+
+    from vim_core.io import atomic_write_bytes
+    from vim_core.train.tracking import to_hwc
+
+    buf = io.BytesIO()
+    Image.fromarray(to_hwc(image)).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vim", description="ViT-VQGAN tokenizer + VIM Transformer tools")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-params", help="validate a params.yaml")
     check.add_argument("path", nargs="?", default="params.yaml")
+    check.add_argument(
+        "--dvc-yaml", help="whose stages' params must all be present (default: beside the file, else ./)"
+    )
     check.set_defaults(func=_check_params)
     tok = sub.add_parser("train-tokenizer", help="train the tokenizer described by params.yaml")
     tok.add_argument("--params", default="params.yaml")

@@ -2,7 +2,14 @@
 
 
 class VimError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
+    """A problem with the user's input or environment, reported as one line.
+
+    The message is made one line here, whatever it quotes: a library's multi-line error text (torch's
+    weights_only refusal spans a dozen lines) is joined with single spaces.
+    """
+
+    def __init__(self, message: object = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class ConfigError(VimError):

@@ -90,22 +90,73 @@ def apply_overrides(params: Params, sets: list[str], source: str = "--set") -> P
     return parse_params(raw, source)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; raises ConfigError with one line per problem."""
+def read_params_file(path: str | Path) -> object:
+    """The YAML of a params file, unvalidated; a missing or unparsable file is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: file not found"])
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ConfigError with one line per problem."""
+    return parse_params(read_params_file(path), str(path))
+
+
+def declared_params(dvc_yaml: str | Path) -> dict[str, list[str]]:
+    """{dotted params.yaml key: the dvc.yaml stages that name it}; keys of other params files are left out."""
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    keys: dict[str, list[str]] = {}
+    for name, spec in stages.items():
+        for key in (spec or {}).get("params") or ():
+            if isinstance(key, str):
+                keys.setdefault(key, []).append(name)
+    return keys
+
+
+def missing_declared(raw: object, declared: dict[str, list[str]], source: str) -> list[str]:
+    """One line per key that dvc.yaml's stages name but the params file lacks (`dvc repro` needs each)."""
+    lines = []
+    for key, stages in declared.items():
+        node = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) and part in node else _MISSING
+        if node is _MISSING:
+            lines.append(f"{source}: {key}: missing; dvc.yaml's stage {', '.join(stages)} reads it")
+    return lines
+
+
+_MISSING = object()
+
+
+def check_params_file(path: str | Path, dvc_yaml: str | Path | None = None) -> Params:
+    """What `vim check-params` checks: load_params, plus every key dvc_yaml's stages name must be present.
+
+    One ConfigError line per problem, all problems at once.
+    """
+    raw = read_params_file(path)
+    lines = []
+    if raw is None:
+        lines.append(f"{path}: <root>: the file is empty")
+    elif dvc_yaml is not None and isinstance(raw, dict):
+        lines += missing_declared(raw, declared_params(dvc_yaml), str(path))
+    try:
+        params = parse_params(raw, str(path))
+    except ConfigError as err:
+        lines += err.lines
+    if lines:
+        raise ConfigError(lines)
+    return params
 
 
 __all__ = [
     "apply_overrides",
+    "check_params_file",
     "ConfigError",
     "DataConfig",
     "Params",

@@ -10,6 +10,7 @@ from vim_core.config.transformer import (
     SamplingConfig,
     TransformerArchConfig,
     TransformerModelConfig,
+    resolve_arch,
     resolve_model,
 )
 
@@ -90,6 +91,12 @@ class TransformerSection(StrictModel):
     out_dir: str = "models/transformer"
     checkpoint_dir: str = "checkpoints/transformer"
 
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, value: "str | TransformerArchConfig") -> "str | TransformerArchConfig":
+        resolve_arch(value)  # an unknown name fails here, at transformer.model, not at the root
+        return value
+
     @field_validator("model", mode="before")
     @classmethod
     def _architecture_only(cls, value: object) -> object:
@@ -141,6 +148,17 @@ class ScheduleConfig(StrictModel):
 
     cron: str = Field(default="0 3 * * 1", description="5-field cron expression (default: Mondays 03:00)")
     timezone: str = Field(default="UTC", description="IANA time zone the cron is read in")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Paris)") from None
+        return value
 
     @model_validator(mode="after")
     def _five_fields(self) -> "ScheduleConfig":

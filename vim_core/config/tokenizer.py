@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vim_core.config.base import StrictModel
 
@@ -122,10 +122,14 @@ class TokenizerModelConfig(StrictModel):
         default=200_000, ge=1, le=100_000_000, description="train pixel vectors k-means sees, seeded sample"
     )
 
+    @field_validator("encoder", "decoder")
+    @classmethod
+    def _known_preset(cls, spec: "str | ViTConfig") -> "str | ViTConfig":
+        resolve_vit(spec)  # an unknown name fails at its own key path
+        return spec
+
     @model_validator(mode="after")
     def _check(self) -> "TokenizerModelConfig":
-        for spec in (self.encoder, self.decoder):
-            resolve_vit(spec)
         if self.arch == "cnn":
             downsamplings = len(self.cnn.channel_mult) - 1
             if 2**downsamplings != self.patch_size:

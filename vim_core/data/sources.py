@@ -7,6 +7,7 @@ embedded MNIST, which is 7.8 MB and ships with the package.
 import io
 import random
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -155,7 +156,7 @@ def _tar_shards(url: str) -> SourceInfo:
             with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 pending: dict[str, dict] = {}
                 for member in tar:
-                    if not member.isfile():
+                    if not _regular_member(member, tar_path):
                         continue
                     p = PurePosixPath(member.name)
                     data = tar.extractfile(member).read()
@@ -169,7 +170,7 @@ def _tar_shards(url: str) -> SourceInfo:
                     if p.suffix.lower() in IMAGE_SUFFIXES:
                         entry["img"] = data
                     elif p.suffix == ".cls":
-                        entry["cls"] = int(data.decode().strip())
+                        entry["cls"] = _cls_label(data, member.name, tar_path)
                     if "img" in entry and "cls" in entry:
                         yield Sample(key=f"{shard}:{stem}", label=entry["cls"], raw=entry["img"])
                         del pending[stem]
@@ -181,6 +182,37 @@ def _tar_shards(url: str) -> SourceInfo:
     return SourceInfo(class_names=class_names, samples=gen())
 
 
+def _regular_member(member: tarfile.TarInfo, tar_path: str) -> bool:
+    """True for a file to read, False for a directory; a link, device or unsafe name is refused.
+
+    Nothing is extracted to disk, but a shard with such members was not written as a dataset: say so
+    rather than read around it.
+    """
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise VimError(f"source {tar_path}: tar member {member.name!r} has an unsafe path (absolute or ..)")
+    if member.issym() or member.islnk():
+        raise VimError(
+            f"source {tar_path}: tar member {member.name!r} is a link; shards must hold regular files"
+        )
+    if member.isdir():
+        return False
+    if not member.isfile():
+        raise VimError(f"source {tar_path}: tar member {member.name!r} is not a regular file")
+    return True
+
+
+def _cls_label(data: bytes, member: str, tar_path: str) -> int:
+    text = data.decode("utf-8", errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise VimError(f"source {tar_path}: {member}: label {text[:20]!r} is not an integer") from None
+    if label < 0:
+        raise VimError(f"source {tar_path}: {member}: label {label} is negative")
+    return label
+
+
 def _tar_class_names(fs, tars: list[str]) -> list[str]:
     """Scan member names (headers only) to fix the class list before any pixels are read."""
     folders: set[str] = set()
@@ -188,13 +220,13 @@ def _tar_class_names(fs, tars: list[str]) -> list[str]:
     for tar_path in tars:
         with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                p = PurePosixPath(member.name)
-                if not member.isfile():
+                if not _regular_member(member, tar_path):
                     continue
+                p = PurePosixPath(member.name)
                 if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) > 1:
                     folders.add(p.parts[-2])
                 elif p.suffix == ".cls":
-                    max_cls = max(max_cls, int(tar.extractfile(member).read().decode().strip()))
+                    max_cls = max(max_cls, _cls_label(tar.extractfile(member).read(), member.name, tar_path))
     if folders and max_cls >= 0:
         raise VimError("tar shards mix CLASS/NAME.png members with .cls labels; use one layout")
     if folders:
@@ -204,19 +236,42 @@ def _tar_class_names(fs, tars: list[str]) -> list[str]:
     return [str(i) for i in range(max_cls + 1)]
 
 
+# Pixels an encoded image may declare. Images are decoded whole before they are resized, so a tiny file
+# that declares a huge size (a decompression bomb) would take its full size in memory: 8192^2 at most.
+MAX_PIXELS = 8192 * 8192
+
+
 def decode_image(raw: bytes | np.ndarray, channels: int, size: int, fit: str) -> np.ndarray:
-    """Decode and normalise one image to uint8 (C, size, size); raises ValueError if it is unreadable."""
+    """Decode and normalise one image to uint8 (C, size, size); raises ValueError if it is unusable.
+
+    Accepted and converted: grey, RGB, CMYK, 16-bit grey (scaled to 8 bits, not clipped), palette and
+    any transparency (composited over black). Refused: empty files, undecodable or truncated data,
+    animated images (which frame would be meant?) and images declaring more than MAX_PIXELS pixels.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(raw, np.ndarray):
         img = Image.fromarray(raw)
     else:
+        if len(raw) == 0:
+            raise ValueError("empty file (0 bytes)")
         try:
-            img = Image.open(io.BytesIO(raw))
+            with warnings.catch_warnings():  # PIL only warns below 2x its own limit; ours refuses below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(raw))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ValueError(
+                    f"declares {w}x{h} pixels, above the {MAX_PIXELS} limit (a decompression bomb?)"
+                )
+            # A camera JPEG often holds a preview as a second picture (MPO): its first frame is the photo.
+            if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
+                raise ValueError(f"animated image with {img.n_frames} frames; give one frame per file")
             img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(str(err)) from None
-    if img.mode in ("RGBA", "LA", "P"):
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ValueError(" ".join(str(err).split()) or type(err).__name__) from None
+    img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "P") or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
@@ -224,6 +279,18 @@ def decode_image(raw: bytes | np.ndarray, channels: int, size: int, fit: str) ->
     img = _fit(img, size, fit)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+
+
+def _to_8bit(img):
+    """16-bit grey (PNG) to 8 bits by scaling; PIL's own convert("L") clips everything above 255 to white."""
+    from PIL import Image
+
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return img
+    arr = np.asarray(img).astype(np.int64)
+    if img.mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+        raise ValueError(f"32-bit integer pixels (range {arr.min()}..{arr.max()}) are not supported")
+    return Image.fromarray(np.round(arr / 257.0).astype(np.uint8))
 
 
 def _fit(img, size: int, fit: str):

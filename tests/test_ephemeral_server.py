@@ -1,0 +1,162 @@
+"""A SIGKILLed stage process leaves no Prefect ephemeral server behind (flows/ephemeral.py).
+
+Real stage processes (`python -m flows.prepare_data`) in ephemeral mode, each killed with SIGKILL once its
+temporary API server answers; the server must be gone within a bounded wait. Without the fix it is
+re-parented to PID 1 and runs on (about 200 MB each).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from tests import servers
+
+REPO = Path(__file__).resolve().parents[1]
+INJECTIONS = 3
+SERVER_UP_S = 300  # a fresh ephemeral database migrates first: 15-40 s on 2 cores, minutes when they are busy
+GONE_WITHIN_S = 15
+
+
+def _proc_state(pid: int) -> str | None:
+    """The /proc state letter of pid (R, S, Z, ...), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _uvicorn_children(pid: int) -> list[tuple[int, list[str]]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_text().split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and "uvicorn" in cmd and "prefect.server.api.server:create_app" in cmd:
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def _start_stage(root: Path, prefect_home: Path) -> subprocess.Popen:
+    root.mkdir(parents=True)
+    params = {"data": {"out_dir": str(root / "prepared"), "max_images": 200}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {
+        **os.environ,
+        **servers.prefect_env(prefect_home),  # shared: its database migrates once, on the first start
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_UP_S),
+        "VIM_TRACKING": "off",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PREFECT_API_URL", None)  # ephemeral mode
+    with open(root / "stage.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.prepare_data", "--params", "params.yaml"],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_server(stage: subprocess.Popen, deadline: float) -> int:
+    """The pid of the stage's ephemeral server, once its API answers."""
+    while time.monotonic() < deadline:
+        assert stage.poll() is None, f"the stage exited ({stage.returncode}) before its server was up"
+        for pid, cmd in _uvicorn_children(stage.pid):
+            port = cmd[cmd.index("--port") + 1]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        return pid
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no ephemeral server answered within {SERVER_UP_S} s")
+
+
+def _half_written(root: Path) -> list[str]:
+    """Partial outputs a killed prepare_data could leave: a temp dataset dir or temp files."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if ".tmp" in p.name and "prefect" not in p.parts
+    )
+
+
+def _kill_once(root: Path, prefect_home: Path) -> tuple[bool, list[str]]:
+    """Start a stage, SIGKILL it once its server answers; (did the server outlive the wait, leftovers)."""
+    stage = _start_stage(root, prefect_home)
+    server = None
+    try:
+        server = _wait_server(stage, time.monotonic() + SERVER_UP_S)
+        assert stage.poll() is None  # the stage is still running when it is killed
+        stage.send_signal(signal.SIGKILL)
+        stage.wait(10)
+        gone_by = time.monotonic() + GONE_WITHIN_S
+        while time.monotonic() < gone_by and _proc_state(server) not in (None, "Z"):
+            time.sleep(0.1)
+        survived = _proc_state(server) not in (None, "Z")  # a zombie holds no memory
+        return survived, _half_written(root)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait(10)
+        for pid in [server] if server else [pid for pid, _ in _uvicorn_children(stage.pid)]:
+            with contextlib.suppress(ProcessLookupError):  # never leak a server from the test either
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkilled_stage_leaves_no_ephemeral_server(tmp_path, record_fault):
+    """INJECTIONS stage processes, one after another, each SIGKILLed once its ephemeral server is up."""
+    results = [_kill_once(tmp_path / f"run{i}", tmp_path / "prefect") for i in range(INJECTIONS)]
+    survivors = sum(survived for survived, _ in results)
+    leftovers = [f for _, files in results for f in files]
+    record_fault(
+        "sigkill_stage_ephemeral_prefect_server",
+        injected=INJECTIONS,
+        survived=survivors,
+        data_lost=len(leftovers),
+    )
+    assert not survivors, f"{survivors} ephemeral servers still running {GONE_WITHIN_S} s after SIGKILL"
+    assert not leftovers, f"half-written outputs: {leftovers}"
+
+
+def test_no_server_started_when_an_api_url_is_set():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.ephemeral import start_ephemeral_api
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert start_ephemeral_api() is None
+
+
+def test_a_server_that_does_not_start_in_time_is_one_line(tmp_path):
+    """An ephemeral server slower than its start-up timeout: the stage exits 1 with one `error:` line and
+    stops the server it started (before the fix: a RuntimeError traceback with the server's output)."""
+    root = tmp_path / "run"
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    stage = _start_stage(root, tmp_path / "prefect")
+    stage.kill()  # only the helper's files are wanted; start again with the short timeout
+    stage.wait(10)
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.prepare_data", "--params", "params.yaml"],
+        cwd=root,
+        env={**os.environ, **servers.prefect_env(tmp_path / "prefect"), **env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(errors) == 1 and "did not answer within 1" in errors[0], errors
+    assert not _half_written(root)
