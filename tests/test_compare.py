@@ -39,23 +39,25 @@ def names():
     return tuple(f"{n}-{tag}" for n in registry.MODEL_NAMES)
 
 
-def _grid(images: np.ndarray, path: Path) -> Path:
-    """A real sample grid: 10 MNIST digits, 2 rows, as the evaluate stage writes one."""
-    x = torch.from_numpy(images[:10]).float().div(255).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
-    save_image(make_grid(x, nrow=5, padding=1), path)
+def _grid(mnist, path: Path, offset: int = 0) -> Path:
+    """A real sample grid, as the evaluate stage writes one: two MNIST digits per class, a column each."""
+    images, labels = mnist
+    picks = [np.flatnonzero(labels == c)[offset + k] for k in range(2) for c in range(10)]
+    x = torch.from_numpy(images[picks]).float().div(255).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+    save_image(make_grid(x, nrow=10, padding=1), path)
     return path
 
 
-def pipeline(tmp_path, images, names, fid, acc, usage, bits, register=True) -> dict:
+def pipeline(tmp_path, mnist, names, fid, acc, usage, bits, register=True, offset=0, params=None) -> dict:
     """One pipeline run with its transformer and evaluate stages, as the stages log them; the evaluate
-    stage logs a pyfunc model that is registered as the challenger bundle."""
+    stage logs `params`, a sample grid, and a pyfunc model that is registered as the challenger bundle."""
     import mlflow
 
-    grid = _grid(images, tmp_path / f"samples_per_class-{uuid.uuid4().hex[:4]}.png")
+    grid = _grid(mnist, tmp_path / f"samples_per_class-{uuid.uuid4().hex[:4]}.png", offset)
     with mlflow_run.pipeline_run("pipeline") as parent:
         with tracking.stage_run("pretrain_transformer") as t:
             t.log_metrics({"val_bits_per_token": bits, "steps": 40}, step=0)
-        with tracking.stage_run("evaluate") as t:
+        with tracking.stage_run("evaluate", params) as t:
             metrics = {
                 "fid_domain": fid,
                 "class_accuracy": acc,
@@ -74,7 +76,7 @@ def pipeline(tmp_path, images, names, fid, acc, usage, bits, register=True) -> d
                     dict.fromkeys(names, info.model_uri), metrics, t.run_id, eval_hash=EVAL
                 )
             evaluate = t.run_id
-    return {"parent": parent, "evaluate": evaluate, "versions": versions}
+    return {"parent": parent, "evaluate": evaluate, "versions": versions, "grid": grid, "metrics": metrics}
 
 
 def _cells(table: str) -> dict[str, list[str]]:
@@ -82,8 +84,8 @@ def _cells(table: str) -> dict[str, list[str]]:
 
 
 def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, names, tmp_path, capsys):
-    a = pipeline(tmp_path, mnist[0], names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
-    b = pipeline(tmp_path, mnist[0][10:], names, fid=12.5, acc=0.875, usage=0.75, bits=2.0, register=False)
+    a = pipeline(tmp_path, mnist, names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
+    b = pipeline(tmp_path, mnist, names, offset=2, fid=12.5, acc=0.875, usage=0.75, bits=2.0, register=False)
     out = tmp_path / "out"
     # a pipeline run brings its stages' metrics; a stage run brings its siblings'
     assert compare.main([a["parent"], b["evaluate"], "--out", str(out)]) == 0
@@ -97,7 +99,7 @@ def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, names, t
     assert f"runs:/{a['evaluate']}/images/samples_per_class.png" in md
     assert "![sample grids](comparison.png)" in md
     png = Image.open(out / "comparison.png")
-    one = Image.open(_grid(mnist[0], tmp_path / "one.png"))
+    one = Image.open(_grid(mnist, tmp_path / "one.png"))
     assert png.width >= 2 * one.width and png.height >= one.height
     # the two grids are the two runs' own: the left tile is not the right one
     arr = np.asarray(png.convert("L"))
@@ -107,9 +109,9 @@ def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, names, t
 
 
 def test_versions_aliases_and_champion_flag(env, mnist, names, tmp_path, capsys):
-    first = pipeline(tmp_path, mnist[0], names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
+    first = pipeline(tmp_path, mnist, names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
     assert compare_and_promote(names)["outcome"] == "promoted"
-    pipeline(tmp_path, mnist[0][10:], names, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
+    pipeline(tmp_path, mnist, names, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
     lead = names[0]
     assert compare.main(["--champion", "--model", lead, "--out", str(tmp_path / "c")]) == 0
     rows = _cells(capsys.readouterr().out)
@@ -127,7 +129,7 @@ def test_versions_aliases_and_champion_flag(env, mnist, names, tmp_path, capsys)
 
 
 def test_bad_input_is_one_line_and_nonzero(env, mnist, names, tmp_path):
-    a = pipeline(tmp_path, mnist[0], names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
+    a = pipeline(tmp_path, mnist, names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
     cases = {
         (a["parent"],): "two or more",
         (): "two or more",
@@ -146,10 +148,10 @@ def test_bad_input_is_one_line_and_nonzero(env, mnist, names, tmp_path):
 
 
 def test_promotion_attaches_the_comparison_to_the_challenger_version(env, mnist, names, tmp_path):
-    pipeline(tmp_path, mnist[0], names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
+    pipeline(tmp_path, mnist, names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
     first = compare_and_promote(names)
     assert compare.attach_to_version(first, names) is None  # nothing to compare with yet
-    second = pipeline(tmp_path, mnist[0][10:], names, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
+    second = pipeline(tmp_path, mnist, names, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
     decision = compare_and_promote(names)
     assert decision["outcome"] == "promoted"
     publish.compare_with_champion(decision, names)  # what flows.publish does after promoting
