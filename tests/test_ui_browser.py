@@ -62,7 +62,7 @@ def page(browser):
 def screenshot(page, name: str, tmp_path: Path) -> Path:
     """page's viewport as tmp_path/name.png, copied into $VIM_SCREENSHOT_DIR when set."""
     path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), animations="disabled")  # not caught mid-fade
     if os.environ.get(SCREENSHOT_ENV):
         dest = Path(os.environ[SCREENSHOT_ENV])
         dest.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def test_mlflow_registry_lists_the_models_with_champion_and_challenger(page, reg
             expect(menu).to_be_visible()
             aliases += " " + _text(menu)
             if name != MODEL_NAMES[-1]:
-                page.keyboard.press("Escape")
+                page.locator(".p-modal").get_by_role("button", name="Close", exact=True).last.click()
                 expect(menu).to_be_hidden()
         assert f"@ champion : Version {champion[name]}" in aliases, aliases
         assert f"@ challenger : Version {challenger[name]}" in aliases, aliases
@@ -229,7 +229,7 @@ def prefect_ui(tmp_path_factory):
     from tests.test_orchestration_pipeline import _wait_for_deployment
 
     root = tmp_path_factory.mktemp("ui-prefect")
-    url, proc = servers.start_prefect(root)
+    url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
     (root / "client").mkdir()
     env = {
         **os.environ,
@@ -272,11 +272,16 @@ def _flow_runs(ui, deployment_id, timeout: float = 0):
         time.sleep(2)
 
 
-def _deployment_page(page, ui, name: str):
+def _deployment_page(page, ui, name: str, deployment_id=None):
+    """The deployment's page: through the Deployments list, or straight at its address."""
     from playwright.sync_api import expect
 
-    page.goto(f"{ui.prefect}/deployments", wait_until="networkidle")
-    page.get_by_role("link", name=name, exact=True).first.click()
+    if deployment_id:
+        page.goto(f"{ui.prefect}/deployments/deployment/{deployment_id}")
+    else:
+        page.goto(f"{ui.prefect}/deployments", wait_until="networkidle")
+        page.get_by_role("link", name=name, exact=True).first.click()
+    expect(page.get_by_text(name, exact=True).first).to_be_visible()
     expect(page.get_by_text("Next Run", exact=True)).to_be_visible()
 
 
@@ -301,7 +306,7 @@ def test_prefect_deployment_page_shows_cron_schedule_and_next_run(page, prefect_
     expect(page.get_by_text("Edit schedule", exact=True)).to_be_visible()
     expect(page.locator("input[type=text] >> nth=-1")).to_have_value(CRON)
     screenshot(page, "prefect-schedule", tmp_path)
-    page.keyboard.press("Escape")
+    page.locator(".p-modal").get_by_role("button", name="Close", exact=True).last.click()
     expect(page.get_by_text("Edit schedule", exact=True)).to_be_hidden()
 
 
@@ -317,10 +322,11 @@ def test_prefect_run_button_creates_a_flow_run(page, prefect_ui, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     deployment_id = out.stdout.split("(")[1].split(")")[0]
     before = {r.id for r in _flow_runs(prefect_ui, deployment_id)}
-    _deployment_page(page, prefect_ui, "clicked")
+    _deployment_page(page, prefect_ui, "clicked", deployment_id)
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
-    expect(page.get_by_text("scheduled to start now")).to_be_visible()
+    expect(page.get_by_text("scheduled to start now").first).to_be_visible()
+    # one new run, made by the click (not by the schedule), and it is the one the toast names
     [run] = [r for r in _flow_runs(prefect_ui, deployment_id) if r.id not in before and not r.auto_scheduled]
-    expect(page.get_by_text(f"{run.name} scheduled to start now")).to_be_visible()
+    expect(page.get_by_text(f"{run.name} scheduled to start now").first).to_be_visible()
     screenshot(page, "prefect-run", tmp_path)
