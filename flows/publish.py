@@ -9,7 +9,9 @@ Three models, each a pyfunc logged from code (flows/pyfunc_models.py) with a sig
 taken as the pipeline's safetensors files: vit-vqgan (the tokenizer), vim-transformer, and vim-generator
 (both, class ids in, PNG images out). They are registered as one bundle with the eval metrics and the
 eval-config hash, aliased `challenger`, and compare_and_promote moves `champion` to them only if they
-beat the champion on params.yaml's `promotion:` rule.
+beat the champion on params.yaml's `promotion:` rule. The challenger's comparison with the champion it
+faced (flows/compare.py: metrics table and sample grids) is then logged on its run and linked from its
+versions.
 """
 
 import json
@@ -233,11 +235,13 @@ def compare_with_champion(decision: dict, names=MODEL_NAMES) -> None:
 
     The registry state is already decided; a comparison that cannot be made is a warning, not a failure.
     """
+    from mlflow.exceptions import MlflowException
+
     try:
         with _mlflow_io():
             attach_to_version(decision, names)
-    except VimError as err:
-        log.warning("could not attach the comparison with the champion: %s", err)
+    except (VimError, MlflowException) as err:
+        log.warning("could not attach the comparison with the champion: %s", str(err).splitlines()[0])
 
 
 # ---- checks before anything is registered

@@ -167,3 +167,11 @@ def test_promotion_attaches_the_comparison_to_the_challenger_version(env, mnist,
         mv = c.get_model_version(name, "2")
         assert mv.tags[compare.COMPARISON_TAG] == f"runs:/{run}/comparison/comparison.md"
         assert "| fid_domain | 20 | 15 |" in mv.description and "champion v1" in mv.description
+
+
+def test_a_comparison_that_cannot_be_made_is_a_warning_after_promotion(env, names, caplog):
+    """publish has already moved the aliases; a missing version makes a warning, not a failed publish."""
+    decision = {"champion_before": {names[0]: "1"}, "challenger": {names[0]: "2"}}
+    with caplog.at_level("WARNING", logger="vim.publish"):
+        publish.compare_with_champion(decision, names)
+    assert "could not attach the comparison" in caplog.text

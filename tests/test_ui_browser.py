@@ -84,7 +84,7 @@ def registry(tmp_path_factory, mnist):
     import mlflow
 
     root = tmp_path_factory.mktemp("ui-mlflow")
-    server, proc = start_mlflow(root)
+    server, proc = start_mlflow(root, timeout=300)  # shared, busy cores
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", server.url)
