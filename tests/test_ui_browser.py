@@ -55,6 +55,9 @@ def browser():
 def page(browser):
     ctx = browser.new_context(viewport={"width": 1400, "height": 900}, timezone_id="UTC")
     ctx.set_default_timeout(60_000)  # the servers share two busy cores
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # expect() has its own default, 5 s
     yield ctx.new_page()
     ctx.close()
 
