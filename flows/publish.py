@@ -9,7 +9,9 @@ Three models, each a pyfunc logged from code (flows/pyfunc_models.py) with a sig
 taken as the pipeline's safetensors files: vit-vqgan (the tokenizer), vim-transformer, and vim-generator
 (both, class ids in, PNG images out). They are registered as one bundle with the eval metrics and the
 eval-config hash, aliased `challenger`, and compare_and_promote moves `champion` to them only if they
-beat the champion on params.yaml's `promotion:` rule.
+beat the champion on params.yaml's `promotion:` rule. The challenger's comparison with the champion it
+faced (flows/compare.py: metrics table and sample grids) is then logged on its run and linked from its
+versions.
 """
 
 import json
@@ -27,6 +29,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.compare import attach_to_version
 from flows.mlflow_run import check_reachable, enabled
 from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
 from flows.stages import declared
@@ -227,6 +230,20 @@ def promote(params: Params, run_id: str) -> dict:
         )
 
 
+def compare_with_champion(decision: dict, names=MODEL_NAMES) -> None:
+    """Attach the champion-vs-challenger comparison (flows.compare) to the challenger versions' run.
+
+    The registry state is already decided; a comparison that cannot be made is a warning, not a failure.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _mlflow_io():
+            attach_to_version(decision, names)
+    except (VimError, MlflowException) as err:
+        log.warning("could not attach the comparison with the champion: %s", str(err).splitlines()[0])
+
+
 # ---- checks before anything is registered
 
 
@@ -280,6 +297,7 @@ def publish_pipeline(params: Params, check_status: bool = True) -> dict:
         uris = log_models(params, tracker.run_id)
         versions = register(uris, metrics, tracker.run_id, eval_hash)
         decision = promote(params, tracker.run_id)
+        compare_with_champion(decision)
     log.info("registered %s; promotion %s: %s", versions, decision["outcome"], decision["reason"])
     return {"run_id": tracker.run_id, "models": uris, "versions": versions, "promotion": decision}
 

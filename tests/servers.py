@@ -93,7 +93,7 @@ def start_prefect(root: Path, timeout: float = 150.0):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = start(
-        cmd, f"{url}/api/health", root / "prefect-server.log", env=prefect_env(root), timeout=timeout
-    )
+    # The UI asks /ui-settings where the API is, and that says port 4200 unless told otherwise.
+    env = {**prefect_env(root), "PREFECT_UI_API_URL": f"{url}/api"}
+    proc = start(cmd, f"{url}/api/health", root / "prefect-server.log", env=env, timeout=timeout)
     return url, proc

@@ -351,6 +351,15 @@ def test_worse_variant_stays_challenger(orch, first, tmp_path):
     gen = {r["role"]: r for r in records if r["model"] == "vim-generator"}
     assert gen["champion"]["version"] == "1" and gen["challenger"]["version"] == "2"
     assert gen["challenger"]["psnr"] == pytest.approx(after["psnr"], abs=1e-3)
+    # flows.compare's table and sample grids, on the challenger's run, linked from its version
+    publish_run = runs["publish"].info.run_id
+    assert {f.path for f in c.list_artifacts(publish_run, "comparison")} == {
+        "comparison/comparison.md",
+        "comparison/comparison.png",
+    }
+    mv = c.get_model_version("vim-generator", "2")
+    assert mv.tags["vim.comparison"] == f"runs:/{publish_run}/comparison/comparison.md"
+    assert "| psnr |" in mv.description
 
 
 # ---- (d) the scheduled deployment on a real Prefect server

@@ -1,0 +1,336 @@
+"""The UIs in a real browser: MLflow's registry and run comparison, Prefect's deployment page.
+
+Headless Chromium (Debian's `chromium`; Playwright drives it through `executable_path` and never downloads
+a browser of its own) against real `mlflow server` and `prefect server start` processes on 127.0.0.1, each
+started for this module alone (the registry names are the pipeline's own, so they must not meet other
+tests' models). Every test saves its screenshots in its tmp dir and, when VIM_SCREENSHOT_DIR is set, there
+too (scripts/readme_images.py makes the README's pictures from them).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flows import mlflow_run
+from flows.registry import MODEL_NAMES, compare_and_promote
+from tests import servers
+from tests.mlflow_server import start_mlflow
+from tests.test_compare import pipeline
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT_ENV = "VIM_SCREENSHOT_DIR"
+CRON, TIMEZONE = "17 4 * * 2", "Europe/Paris"
+# The settings the two compared runs differ in, as a DVC experiment would set them.
+SETTINGS = ({"tokenizer": {"train": {"steps": 60}}}, {"tokenizer": {"train": {"steps": 3}}})
+
+
+def chromium() -> str | None:
+    return os.environ.get("VIM_CHROMIUM") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium()
+    if not path:
+        pytest.skip("no chromium: apt-get install chromium (or set VIM_CHROMIUM to a Chromium binary)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root in a container, where Chromium's sandbox cannot start
+        b = p.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, timezone_id="UTC")
+    ctx.set_default_timeout(60_000)  # the servers share two busy cores
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # expect() has its own default, 5 s
+    yield ctx.new_page()
+    ctx.close()
+
+
+def screenshot(page, name: str, tmp_path: Path) -> Path:
+    """page's viewport as tmp_path/name.png, copied into $VIM_SCREENSHOT_DIR when set."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), animations="disabled")  # not caught mid-fade
+    if os.environ.get(SCREENSHOT_ENV):
+        dest = Path(os.environ[SCREENSHOT_ENV])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / path.name)
+    return path
+
+
+def _text(locator) -> str:
+    return " ".join(locator.inner_text().split())
+
+
+# ---- MLflow
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, mnist):
+    """A server holding two pipeline runs whose bundles are registered under the pipeline's own three
+    names: the first promoted (champion, v1), the second worse on fid_domain (challenger, v2)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("ui-mlflow")
+    server, proc = start_mlflow(root, timeout=300)  # shared, busy cores
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", server.url)
+            mp.setenv("MLFLOW_EXPERIMENT_NAME", "vim")
+            mp.delenv(mlflow_run.PARENT_ENV, raising=False)
+            mp.delenv(mlflow_run.SWITCH_ENV, raising=False)
+            runs = []
+            for i, (fid, acc, usage) in enumerate(((20.0, 0.95, 0.5), (25.0, 0.97, 0.625))):
+                runs.append(
+                    pipeline(
+                        root, mnist, MODEL_NAMES, fid, acc, usage, 3.0 - i, offset=2 * i, params=SETTINGS[i]
+                    )
+                )
+                decision = compare_and_promote(MODEL_NAMES)
+            assert decision["outcome"] == "kept"  # champion v1, challenger v2
+            experiment = mlflow_run.client().get_experiment_by_name("vim").experiment_id
+            while mlflow.active_run():
+                mlflow.end_run()
+        yield SimpleNamespace(url=server.url, experiment=experiment, runs=runs, decision=decision)
+    finally:
+        servers.stop(proc)
+
+
+def open_mlflow(page, url: str, announcement: bool = False) -> None:
+    """Load an MLflow UI page and close what covers it, as a person would: the assistant's side panel and,
+    on the registry's pages (`announcement`), the "new model registry UI" modal of a first visit."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    if page.url.split("#")[0] == url.split("#")[0]:
+        page.goto("about:blank")  # a new hash alone is no page load
+    page.goto(url)
+    page.get_by_role("button", name="Toggle sidebar").wait_for()  # the app has rendered
+    # The run pages keep polling, so "network idle" may never come: wait for what covers the page instead.
+    covers = [page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')]
+    if announcement:
+        covers.insert(0, page.get_by_role("dialog").filter(has_text="Model Registry UI"))
+    for cover in covers:
+        try:
+            cover.wait_for(timeout=10_000)
+        except PlaywrightTimeout:
+            continue  # not shown (dismissed before, in this browser context)
+        close = cover.get_by_role("button", name="Close") if cover is not covers[-1] else cover
+        close.click()
+        cover.wait_for(state="hidden")
+
+
+def test_mlflow_registry_lists_the_models_with_champion_and_challenger(page, registry, tmp_path):
+    from playwright.sync_api import expect
+
+    champion, challenger = registry.decision["champion_after"], registry.decision["challenger"]
+    open_mlflow(page, f"{registry.url}/#/models", announcement=True)
+    expect(page.get_by_role("dialog")).to_have_count(0)  # nothing covers the table
+    for name in MODEL_NAMES:
+        row = page.get_by_role("row").filter(has=page.get_by_role("link", name=name, exact=True))
+        expect(row).to_be_visible()
+        aliases = _text(row)
+        more = row.get_by_role("button", name="+1")
+        if more.count():  # the second alias sits behind "+1"
+            more.click()
+            menu = page.get_by_role("menu")
+            expect(menu).to_be_visible()
+            aliases += " " + _text(menu)
+            if name != MODEL_NAMES[-1]:
+                page.locator(".p-modal").get_by_role("button", name="Close", exact=True).last.click()
+                expect(menu).to_be_hidden()
+        assert f"@ champion : Version {champion[name]}" in aliases, aliases
+        assert f"@ challenger : Version {challenger[name]}" in aliases, aliases
+    screenshot(page, "mlflow-registry", tmp_path)
+
+    # the champion's version page: its alias and the eval metrics the promotion decided on (params.yaml's
+    # promotion rule: fid_domain, with class_accuracy as the guard), as the version's tags
+    page.get_by_role("link", name=MODEL_NAMES[0], exact=True).click()
+    page.get_by_role("link", name=f"Version {champion[MODEL_NAMES[0]]}", exact=True).click()
+    expect(page.get_by_text("Source Run")).to_be_visible()
+    expect(page.get_by_text("@ champion")).to_be_visible()
+    metrics = registry.runs[0]["metrics"]
+    for key in ("fid_domain", "class_accuracy", "codebook_usage"):
+        row = page.get_by_role("row").filter(has_text=f"metric.{key}")
+        expect(row).to_be_visible()
+        assert repr(metrics[key]) in _text(row), _text(row)
+    screenshot(page, "mlflow-version", tmp_path)
+
+
+# The values a metric's row shows in the run-comparison view, left to right. The view draws its tables as
+# virtualised grids (names in one, values in another), so a row is the cells level with the metric's name.
+METRIC_ROW = """metric => {
+  const link = [...document.querySelectorAll('a[title="Plot chart"]')].find(a => a.textContent.trim() === metric);
+  if (!link) return null;
+  const cell = link.closest('[role=rowgroup] > div');
+  const names = cell.closest('[role=grid]');
+  let scope = names.parentElement;
+  while (scope && scope.querySelectorAll('[role=grid]').length < 2) scope = scope.parentElement;
+  const at = cell.getBoundingClientRect();
+  return [...scope.querySelectorAll('[role=grid] [role=rowgroup] > div')]
+    .filter(c => !names.contains(c))
+    .map(c => [c.getBoundingClientRect(), c.innerText.trim()])
+    .filter(([r, t]) => Math.abs(r.top - at.top) < 2 && r.left >= at.right - 1)
+    .sort((a, b) => a[0].left - b[0].left).map(([r, t]) => t);
+}"""
+
+
+def test_mlflow_compares_two_runs_and_shows_a_sample_grid(page, registry, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    a, b = registry.runs
+    ids = json.dumps([a["evaluate"], b["evaluate"]])
+    open_mlflow(
+        page, f"{registry.url}/#/compare-runs?runs={ids}&experiments={json.dumps([registry.experiment])}"
+    )
+    expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
+    page.get_by_text("Visualizations", exact=True).click()  # fold the plots; the tables come up
+    page.get_by_role("link", name="fid_domain", exact=True).wait_for()
+    for key in ("fid_domain", "class_accuracy", "codebook_usage"):
+        assert page.evaluate(METRIC_ROW, key) == [f"{a['metrics'][key]:g}", f"{b['metrics'][key]:g}"], key
+    # the settings they differ in
+    setting = page.get_by_role("row").filter(
+        has=page.get_by_role("rowheader", name="tokenizer.train.steps", exact=True)
+    )
+    expect(setting).to_be_visible()
+    assert _text(setting) == "tokenizer.train.steps 60 3"
+    page.get_by_text("Metrics", exact=True).scroll_into_view_if_needed()
+    screenshot(page, "mlflow-compare", tmp_path)
+
+    # the first run's sample grid, among its artifacts, shown as the image it logged
+    open_mlflow(page, f"{registry.url}/#/experiments/{registry.experiment}/runs/{a['evaluate']}/artifacts")
+    page.get_by_text("images", exact=True).click()
+    page.get_by_text("samples_per_class.png", exact=True).click()
+    image = page.locator("img[src^='blob:']").first
+    expect(image).to_be_visible()
+    shown = image.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    assert tuple(shown) == Image.open(a["grid"]).size
+    screenshot(page, "mlflow-artifact", tmp_path)
+
+
+# ---- Prefect
+
+
+@pytest.fixture(scope="module")
+def prefect_ui(tmp_path_factory):
+    """A Prefect server, and `python -m flows.deploy --cron ...` serving retrain/scheduled on it."""
+    from tests.test_orchestration_pipeline import _wait_for_deployment
+
+    root = tmp_path_factory.mktemp("ui-prefect")
+    url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
+    (root / "client").mkdir()
+    env = {
+        **os.environ,
+        **servers.prefect_env(root / "client", api_url=f"{url}/api"),
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
+    log = open(root / "serve.log", "wb")  # noqa: SIM115  (closed below; the child keeps a copy)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.deploy", "--cron", CRON, "--timezone", TIMEZONE],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    ui = SimpleNamespace(prefect=url, env=env, root=root)
+    try:
+        ui.deployment = _wait_for_deployment(ui, "retrain/scheduled", serve)
+        yield ui
+    finally:
+        servers.stop(serve, timeout=30)
+        servers.stop(proc, timeout=20)
+
+
+def _flow_runs(ui, deployment_id, timeout: float = 0):
+    """The deployment's flow runs, soonest first; waits up to `timeout` s for the scheduler to make one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from tests.test_orchestration_pipeline import _prefect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with _prefect(ui), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            )
+        if runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(2)
+
+
+def _deployment_page(page, ui, name: str, deployment_id=None):
+    """The deployment's page: through the Deployments list, or straight at its address."""
+    from playwright.sync_api import expect
+
+    if deployment_id:
+        page.goto(f"{ui.prefect}/deployments/deployment/{deployment_id}")
+    else:
+        page.goto(f"{ui.prefect}/deployments", wait_until="networkidle")
+        page.get_by_role("link", name=name, exact=True).first.click()
+    expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible()
+
+
+def test_prefect_deployment_page_shows_cron_schedule_and_next_run(page, prefect_ui, tmp_path):
+    from playwright.sync_api import expect
+
+    runs = _flow_runs(prefect_ui, prefect_ui.deployment.id, timeout=120)
+    assert runs and runs[0].state.is_scheduled()
+    when = runs[0].expected_start_time  # what the API holds; the page (in UTC) must show the same
+    _deployment_page(page, prefect_ui, "scheduled")
+    expect(page.get_by_text("Next Run", exact=True)).to_be_visible()
+    expect(page.get_by_text("Can't connect to Server API")).to_have_count(0)
+    expect(page.get_by_role("link", name=runs[0].name)).to_be_visible()
+    expect(page.get_by_text(f"Scheduled for {when.strftime('%Y/%m/%d %I:%M:%S %p')}")).to_be_visible()
+    schedule = page.locator(".deployment-schedule-card__content")
+    expect(schedule).to_have_text("At 04:17 AM, only on Tuesday")
+    schedule.hover()
+    expect(page.get_by_role("tooltip")).to_contain_text(f"({TIMEZONE})")
+    screenshot(page, "prefect-deployment", tmp_path)
+    # the cron expression itself is in the schedule's edit form; close it unsaved
+    page.locator(".deployment-schedule__menu button").click()
+    page.get_by_text("Edit", exact=True).first.click()
+    expect(page.get_by_text("Edit schedule", exact=True)).to_be_visible()
+    expect(page.locator("input[type=text] >> nth=-1")).to_have_value(CRON)
+    screenshot(page, "prefect-schedule", tmp_path)
+    page.locator(".p-modal").get_by_role("button", name="Close", exact=True).last.click()
+    expect(page.get_by_text("Edit schedule", exact=True)).to_be_hidden()
+
+
+def test_prefect_run_button_creates_a_flow_run(page, prefect_ui, tmp_path):
+    """Run -> Quick run on a work-pool deployment. No worker polls the pool, so the run is created and
+    waits: the click is checked without running the pipeline in this checkout."""
+    from playwright.sync_api import expect
+
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "--pool", "vim-ui", "--name", "clicked", "--cron", "0 5 * * *"],
+        cwd=REPO, env=prefect_ui.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    deployment_id = out.stdout.split("(")[1].split(")")[0]
+    before = {r.id for r in _flow_runs(prefect_ui, deployment_id)}
+    _deployment_page(page, prefect_ui, "clicked", deployment_id)
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Quick run", exact=True).click()
+    expect(page.get_by_text("scheduled to start now").first).to_be_visible()
+    # one new run, made by the click (not by the schedule), and it is the one the toast names
+    [run] = [r for r in _flow_runs(prefect_ui, deployment_id) if r.id not in before and not r.auto_scheduled]
+    expect(page.get_by_text(f"{run.name} scheduled to start now").first).to_be_visible()
+    screenshot(page, "prefect-run", tmp_path)
