@@ -13,7 +13,6 @@ its own, completed from its pipeline's stage runs (val bits/token comes from pre
 import argparse
 import io
 import logging
-import math
 import re
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.mlflow_run import check_reachable, client
-from flows.registry import BUNDLE_TAG, CHALLENGER, CHAMPION, METRIC_TAG, MODEL_NAMES, RUN_TAG
+from flows.registry import BUNDLE_TAG, CHALLENGER, CHAMPION, METRIC_TAG, MODEL_NAMES, RUN_TAG, finite_number
 from vim_core.errors import VimError
 from vim_core.io import atomic_write_bytes, atomic_write_text
 
@@ -55,14 +54,6 @@ class Subject:
     metrics: dict[str, float] = field(default_factory=dict)
     runs: list = field(default_factory=list)  # where to look for the grid, most specific first
     grid: str | None = None  # runs:/<run>/<path> of the sample grid shown
-
-
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _get_run(c, run_id: str, what: str):
@@ -99,7 +90,7 @@ def _related_runs(c, run) -> list:
 def _fill(metrics: dict[str, float], runs) -> dict[str, float]:
     for r in runs:
         for key, value in r.data.metrics.items():
-            if _number(value) is not None:
+            if finite_number(value) is not None:
                 metrics.setdefault(key, float(value))
     return metrics
 
@@ -124,7 +115,7 @@ def resolve(c, ref: str) -> Subject:
         metrics = {
             k.removeprefix(METRIC_TAG): v
             for k, raw in mv.tags.items()
-            if k.startswith(METRIC_TAG) and (v := _number(raw)) is not None
+            if k.startswith(METRIC_TAG) and (v := finite_number(raw)) is not None
         }
         # The version's own run (where its model was logged), the run that registered it, its pipeline.
         runs = []

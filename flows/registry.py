@@ -62,7 +62,7 @@ def register_challenger(
 
     configure()
     check_reachable()
-    tags = {f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if _number(v) is not None}
+    tags = {f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if finite_number(v) is not None}
     tags[EVAL_HASH_TAG] = eval_hash
     bundle = bundle or _bundle_of(run_id)
     if bundle:
@@ -86,7 +86,8 @@ def register_bundle(
     }
 
 
-def _number(value) -> float | None:
+def finite_number(value) -> float | None:
+    """A metric value or tag as a float; None for missing, non-numeric or non-finite values."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -106,7 +107,7 @@ def _by_alias(c, name: str, alias: str):
 
 
 def _metric(mv, key: str) -> float | None:
-    return None if mv is None else _number(mv.tags.get(f"{METRIC_TAG}{key}"))
+    return None if mv is None else finite_number(mv.tags.get(f"{METRIC_TAG}{key}"))
 
 
 def _decide(names, challengers, champions, metric, lower_is_better, guard_metric, guard_min):
