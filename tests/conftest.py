@@ -171,3 +171,30 @@ def stage2(tmp_path_factory) -> Path:
     train_tokenizer(params.tokenizer, params.data.out_dir, seed=0)
     tokenize_dataset(str(tmp / "model" / "tokenizer.safetensors"), params.data.out_dir, tmp / "tokens")
     return tmp
+
+
+@pytest.fixture
+def tracking_env(mlflow_server, monkeypatch, request):  # noqa: F811 (the fixture above)
+    """The session's MLflow server as this test's tracking URI, in the module's MLFLOW_EXPERIMENT, no run nesting."""
+    import mlflow
+
+    from flows import mlflow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", request.module.MLFLOW_EXPERIMENT)
+    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
+    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
+    yield mlflow_server
+    while mlflow.active_run():
+        mlflow.end_run("KILLED")
+
+
+@pytest.fixture
+def names():
+    """Model names of this test's own, since the server lives for the whole session."""
+    import uuid
+
+    from flows import registry
+
+    tag = uuid.uuid4().hex[:6]
+    return tuple(f"{n}-{tag}" for n in registry.MODEL_NAMES)

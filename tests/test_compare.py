@@ -11,32 +11,19 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from flows import compare, mlflow_run, publish, registry, tracking
+from flows import compare, mlflow_run, publish, tracking
 from flows.registry import compare_and_promote, register_bundle
 from vim_core.io import spec_hash
 
 ECHO = Path(__file__).parent / "assets" / "echo_model.py"
 EVAL = spec_hash({"split": "test", "samples": 20, "extractor": "domain", "seed": 0})
+MLFLOW_EXPERIMENT = "compare-tests"
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def env(mlflow_server, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "compare-tests")
-    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
-    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
-    yield mlflow_server
-    while mlflow.active_run():
-        mlflow.end_run("KILLED")
-
-
-@pytest.fixture
-def names():
-    tag = uuid.uuid4().hex[:6]
-    return tuple(f"{n}-{tag}" for n in registry.MODEL_NAMES)
+def env(tracking_env):
+    return tracking_env
 
 
 def _grid(mnist, path: Path, offset: int = 0) -> Path:

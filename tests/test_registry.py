@@ -1,7 +1,6 @@
 """Champion/challenger promotion against a real `mlflow server`, with real (tiny) pyfunc model versions."""
 
 import json
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,25 +14,12 @@ ECHO = Path(__file__).parent / "assets" / "echo_model.py"
 EVAL = spec_hash({"split": "test", "samples": 256, "extractor": "domain", "seed": 0})
 OTHER_EVAL = spec_hash({"split": "test", "samples": 512, "extractor": "domain", "seed": 0})
 
-
-@pytest.fixture
-def reg_env(mlflow_server, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "registry-tests")
-    monkeypatch.delenv(mlflow_run.PARENT_ENV, raising=False)
-    monkeypatch.delenv(mlflow_run.SWITCH_ENV, raising=False)
-    yield mlflow_server
-    while mlflow.active_run():
-        mlflow.end_run("KILLED")
+MLFLOW_EXPERIMENT = "registry-tests"
 
 
 @pytest.fixture
-def names():
-    """Model names of this test's own, since the server lives for the whole session."""
-    tag = uuid.uuid4().hex[:6]
-    return tuple(f"{n}-{tag}" for n in registry.MODEL_NAMES)
+def reg_env(tracking_env):
+    return tracking_env
 
 
 def _pipeline(names, fid, acc, eval_hash=EVAL, register=None) -> tuple[str, dict[str, str]]:
