@@ -94,13 +94,25 @@ def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
     raise TransientError(f"MLflow tracking server {_redact(uri)} did not answer ({reason})")
 
 
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
+
+
 def configure() -> str:
-    """Point MLflow's fluent API at tracking_uri() (and MLFLOW_REGISTRY_URI if set); return the URI."""
+    """Point MLflow's fluent API at tracking_uri() (and at MLFLOW_REGISTRY_URI for the registry if the user
+    set it); return the tracking URI.
+
+    `mlflow.set_registry_uri` also writes MLFLOW_REGISTRY_URI into os.environ, so without the undo below
+    the first configure() would pin the registry of this process (and its children) to that tracking
+    server for good: a later tracking URI would log runs to one server and register models on the other.
+    """
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    own = os.environ.get(REGISTRY_ENV)
+    mlflow.set_registry_uri(own or uri)
+    if own is None:
+        os.environ.pop(REGISTRY_ENV, None)
     return uri
 
 
@@ -108,7 +120,7 @@ def client():
     from mlflow import MlflowClient
 
     uri = configure()
-    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get(REGISTRY_ENV) or uri)
 
 
 def ensure_experiment(name: str | None = None) -> str:

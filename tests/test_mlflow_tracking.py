@@ -62,6 +62,26 @@ def test_embedded_default_is_local_sqlite(monkeypatch):
     assert mlflow_run.artifact_location() is None  # the server decides
 
 
+def test_registry_follows_a_new_tracking_uri_unless_the_user_set_one(monkeypatch, tmp_path):
+    """MLflow's set_registry_uri writes MLFLOW_REGISTRY_URI into os.environ; configure() must not mistake
+    that for the user's setting, or a second server would get the runs while the first got the models."""
+    import mlflow
+
+    monkeypatch.delenv(mlflow_run.REGISTRY_ENV, raising=False)
+    first, second = (f"sqlite:///{tmp_path / name}.db" for name in ("first", "second"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)
+    mlflow_run.configure()
+    assert mlflow.get_registry_uri() == first and mlflow_run.REGISTRY_ENV not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", second)
+    mlflow_run.configure()
+    assert mlflow.get_registry_uri() == second
+    assert mlflow_run.client()._registry_uri == second
+    own = f"sqlite:///{tmp_path / 'registry'}.db"
+    monkeypatch.setenv(mlflow_run.REGISTRY_ENV, own)  # the user's own registry wins
+    mlflow_run.configure()
+    assert mlflow.get_registry_uri() == own and os.environ[mlflow_run.REGISTRY_ENV] == own
+
+
 def test_embedded_store_keeps_runs_and_artifacts_in_the_repo(monkeypatch, tmp_path):
     """No server configured: sqlite mlflow.db and mlartifacts/ in the repo root (here a stand-in)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -171,6 +171,7 @@ def mlflow_uri(orch, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", orch.mlflow)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(orch.mlflow)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", orch.mlflow)  # mlflow.set_registry_uri would outlive the test
     mlflow.set_registry_uri(orch.mlflow)
     yield orch.mlflow
     torch.set_num_threads(threads)
