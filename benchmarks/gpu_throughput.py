@@ -9,17 +9,21 @@ Both steps run as the trainers run them on a GPU: bf16 autocast, torch.compile, 
   training, and images/s of encoding (inference) as in the paper's throughput column.
 - transformer: VIM-Base (24 layers, dim 1536, 650M parameters), 1024 tokens of an 8192-code
   vocabulary, class-conditional; tokens/s of training.
+Both report peak GPU memory (torch.cuda.max_memory_allocated, reset before each).
 MFU = achieved FLOP/s over the GPU's dense bf16 peak. FLOPs per step are counted with
 torch.utils.flop_counter on one uncompiled step (for VIM also the 6N + 12 l d T estimate). The peak is
 looked up from the device name (H100/H200/A100/L4/L40S) or given with --peak-tflops.
 --smoke runs tiny models on any device (also CPU) to check the script itself; its numbers mean nothing.
+benchmarks/gpu_acceptance.py calls bench() with its own Settings.
 """
 
 import argparse
+import gc
 import json
 import platform
 import statistics
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,6 +48,20 @@ PEAK_BF16_TFLOPS = {
 }
 
 
+@dataclass
+class Settings:
+    """What one benchmark run measures; main() fills it from the command line."""
+
+    tok_batch: int = 32
+    vim_batch: int = 16
+    steps: int = 10
+    warmup: int = 3
+    compile: bool = True
+    bf16: bool = True
+    peak_tflops: float | None = None
+    smoke: bool = False
+
+
 def peak_tflops(name: str) -> float | None:
     for key, value in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" before "H100"
         if all(part in name for part in key.split()):
@@ -62,7 +80,20 @@ def timed(step, device: torch.device, steps: int, warmup: int) -> float:
     return statistics.median(time_calls(step, device, steps, warmup))
 
 
-def tokenizer_bench(args, device: torch.device) -> dict:
+def reset_peak_memory(device: torch.device) -> None:
+    """Free what earlier parts left cached, so the next peak is this part's own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset_peak_memory; None on the CPU."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def tokenizer_bench(args: Settings, device: torch.device) -> dict:
     image_size, channels = (32, 3) if args.smoke else (256, 3)
     tiny = {"blocks": 1, "heads": 2, "dim": 32, "mlp_dim": 64}
     cfg = TokenizerModelConfig(
@@ -72,6 +103,7 @@ def tokenizer_bench(args, device: torch.device) -> dict:
         codebook_size=64 if args.smoke else 8192,
     )
     loss_cfg = LossConfig(adversarial_weight=0.1)
+    reset_peak_memory(device)
     model = build_tokenizer(cfg, image_size, channels).to(device).train()
     disc = Discriminator(image_size, channels, 8 if args.smoke else 32, 16 if args.smoke else 256).to(device)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -112,14 +144,17 @@ def tokenizer_bench(args, device: torch.device) -> dict:
         "batch": args.tok_batch,
         "step_ms": round(seconds * 1e3, 2),
         "train_images_per_s": round(args.tok_batch / seconds, 1),
+        "train_tokens_per_s": round(args.tok_batch * model.num_tokens / seconds, 1),
+        "tokens_per_image": model.num_tokens,
         "encode_images_per_s": round(args.tok_batch / encode_seconds, 1),
         "flops_per_step_counted": flops,
         "achieved_tflops": round(flops / seconds / 1e12, 2),
         "mfu": _mfu(flops / seconds, args),
+        "peak_memory_gib": peak_memory_gib(device),
     }
 
 
-def transformer_bench(args, device: torch.device) -> dict:
+def transformer_bench(args: Settings, device: torch.device) -> dict:
     if args.smoke:
         # As params.yaml trains it, label dropout included.
         cfg = resolve_model("tiny").model_copy(update={"num_classes": 10, "cfg_dropout": 0.1})
@@ -127,6 +162,7 @@ def transformer_bench(args, device: torch.device) -> dict:
     else:
         cfg = resolve_model("vim-base")
         vocab, grid = 8192, 32
+    reset_peak_memory(device)
     model = VIM(cfg, vocab, grid).to(device).train()
     opt = model.configure_optimizers(0.01, 4.5e-4, (0.9, 0.96))  # fused AdamW on CUDA
     tokens = torch.randint(0, vocab, (args.vim_batch, model.seq_len), device=device)
@@ -158,12 +194,44 @@ def transformer_bench(args, device: torch.device) -> dict:
         "achieved_tflops": round(flops / seconds / 1e12, 2),
         "mfu": _mfu(flops / seconds, args),
         "mfu_6N_12ldT": _mfu(analytic / seconds, args),
+        "peak_memory_gib": peak_memory_gib(device),
     }
 
 
-def _mfu(flops_per_s: float, args) -> float | None:
+def _mfu(flops_per_s: float, args: Settings) -> float | None:
     """Fraction of the bf16 peak; None when the peak of this GPU is unknown (pass --peak-tflops)."""
     return round(flops_per_s / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def bench(args: Settings, only: str | None = None) -> dict:
+    """Both steps (or `only` one) on the default CUDA device, else the CPU; the JSON main() prints."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    enable_tf32(device)
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = peak_tflops(device_name(device))
+    if args.smoke:
+        args.compile = False
+        args.tok_batch, args.vim_batch = min(args.tok_batch, 4), min(args.vim_batch, 4)
+    torch.manual_seed(0)
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "tf32": device.type == "cuda",
+        "fused_adamw": device.type == "cuda",
+        "peak_bf16_tflops": args.peak_tflops,
+        "smoke": args.smoke,
+    }
+    if only in (None, "tokenizer"):
+        result["tokenizer"] = tokenizer_bench(args, device)
+    if only in (None, "transformer"):
+        result["transformer"] = transformer_bench(args, device)
+    return result
 
 
 def main() -> None:
@@ -185,32 +253,9 @@ def main() -> None:
         sys.exit(
             "gpu_throughput: torch sees no CUDA device; this benchmark measures GPUs only (--smoke tests it)"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    enable_tf32(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    if args.peak_tflops is None and device.type == "cuda":
-        args.peak_tflops = peak_tflops(name)
-    if args.smoke:
-        args.compile = False
-        args.tok_batch, args.vim_batch = min(args.tok_batch, 4), min(args.vim_batch, 4)
-    torch.manual_seed(0)
-    result = {
-        "device": name,
-        "torch": torch.__version__,
-        "bf16": args.bf16,
-        "compile": args.compile,
-        "tf32": device.type == "cuda",
-        "fused_adamw": device.type == "cuda",
-        "peak_bf16_tflops": args.peak_tflops,
-        "smoke": args.smoke,
-    }
-    if args.only in (None, "tokenizer"):
-        result["tokenizer"] = tokenizer_bench(args, device)
-    if args.only in (None, "transformer"):
-        result["transformer"] = transformer_bench(args, device)
-    if device.type == "cuda":
-        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    print(json.dumps(result, indent=2))
+    only = args.only
+    del args.only
+    print(json.dumps(bench(Settings(**vars(args)), only), indent=2))
 
 
 if __name__ == "__main__":

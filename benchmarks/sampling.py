@@ -3,6 +3,7 @@
     python benchmarks/sampling.py [--preset tiny] [--n 8] [--repeats 2] [--threads 0] [--seed 0]
 
 The same weights sample with and without the cache under the same seed; the tokens must match.
+cache_throughput() times the cached path alone on any device (benchmarks/gpu_acceptance.py uses it).
 """
 
 import argparse
@@ -22,8 +23,25 @@ def timed_sample(model: VIM, n: int, labels: torch.Tensor | None, seed: int, use
     for _ in range(repeats):
         start = time.perf_counter()
         tokens = sample(model, n, labels, seed=seed, use_cache=use_cache)
+        if tokens.is_cuda:  # sampling only queues kernels; wait for them
+            torch.cuda.synchronize(tokens.device)
         best = min(best, time.perf_counter() - start)
     return tokens, best
+
+
+def cache_throughput(model: VIM, n: int, seed: int = 0) -> dict:
+    """KV-cache sampling of n images at the model's full grid, on its device, after a 2-image warm-up."""
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    timed_sample(model, 2, labels[:2] if labels is not None else None, seed, True, 1)
+    _, seconds = timed_sample(model, n, labels, seed, use_cache=True, repeats=1)
+    return {
+        "tokens_per_image": model.seq_len,
+        "images": n,
+        "dtype": str(model.head.weight.dtype).removeprefix("torch."),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(n * model.seq_len / seconds, 1),
+        "images_per_s": round(n / seconds, 2),
+    }
 
 
 def bench_grid(preset: str, side: int, vocab: int, n: int, seed: int, repeats: int) -> dict:
