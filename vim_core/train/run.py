@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -227,6 +228,27 @@ def resolve_budget(
 # The loop.
 
 
+STEP_RANGE = "train_step"  # the profiler range of one training step
+
+
+def step_time_metrics(step_seconds: list[float], phases: list[tuple[int, int]], start: int) -> dict:
+    """Median wall seconds per step (per phase, when the step's cost changes part-way) and the first
+    step's, for the metrics JSON; the median skips the first 3 steps of a phase (warm-up, compilation)."""
+    if not step_seconds:
+        return {}
+    out = {"first_step_seconds": round(step_seconds[0], 4)}
+    bounds = [b for b, _ in phases] + [start + len(step_seconds)]
+    medians = []
+    for begin, end in zip(bounds, bounds[1:], strict=False):
+        times = step_seconds[max(begin - start, 0) : max(end - start, 0)]
+        times = times[3:] if len(times) > 6 else times
+        if times:
+            medians.append({"from_step": begin, "seconds": round(float(np.median(times)), 4)})
+    if medians:
+        out["step_seconds_median"] = medians[-1]["seconds"] if len(medians) == 1 else medians
+    return out
+
+
 @dataclass
 class StepResult:
     """One step's losses (averaged over ranks when logged, as loss/NAME) and extra metrics, already named."""
@@ -245,13 +267,23 @@ def run_steps(
     checkpoint: Callable[[int], None],
     tracker: Tracker,
     desc: str,
+    step_seconds: list[float] | None = None,
 ) -> float:
-    """Steps start..steps-1: step, log every log_every steps, checkpoint; returns the training seconds."""
+    """Steps start..steps-1: step, log every log_every steps, checkpoint; returns the training seconds.
+
+    Each step (its batch read included) runs inside a `train_step` profiler range, so a torch.profiler
+    around a whole run can tell the steps' ops from set-up and evaluation; with `step_seconds`, each
+    step's wall time is appended to it (the first ones carry torch.compile's compilation).
+    """
     started = time.monotonic()
     bar = progress(total=steps, initial=start, desc=desc)
     for step in range(start, steps):
-        _, batch = next(batches)
-        result = step_fn(step, batch)
+        began = time.perf_counter()
+        with torch.profiler.record_function(STEP_RANGE):
+            _, batch = next(batches)
+            result = step_fn(step, batch)
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - began)
         bar.update(1)
         if step % t.log_every == 0 or step == steps - 1:
             # The global batch's losses: a collective, so every rank joins; only rank 0 logs.

@@ -234,7 +234,10 @@ def train_tokenizer(
 
     save = run.checkpointer(ckpt_dir, modules, optimizers, schedulers, t.keep_checkpoints)
     model.train()
-    seconds = run.run_steps(ctx, t, budget.steps, start, batches, step_fn, save, tracker, "train_tokenizer")
+    step_seconds: list[float] = []
+    seconds = run.run_steps(
+        ctx, t, budget.steps, start, batches, step_fn, save, tracker, "train_tokenizer", step_seconds
+    )
     final = model
     if ema is not None:
         final = build_tokenizer(cfg.model, image_size, channels).to(device)
@@ -245,6 +248,7 @@ def train_tokenizer(
         **budget.metrics(ctx.info.world_size),
         "resumed_from": start,
         "train_seconds": round(seconds, 2),
+        **run.step_time_metrics(step_seconds, budget.phases, start),
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
     }

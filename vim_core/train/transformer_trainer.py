@@ -157,8 +157,9 @@ def train_transformer(
 
     save = run.checkpointer(ckpt_dir, modules, {"model": opt}, {"model": sched}, t.keep_checkpoints)
     model.train()
+    step_seconds: list[float] = []
     seconds = run.run_steps(
-        ctx, t, budget.steps, start, batches, step_fn, save, tracker, "pretrain_transformer"
+        ctx, t, budget.steps, start, batches, step_fn, save, tracker, "pretrain_transformer", step_seconds
     )
     if ema is not None:
         ema.copy_to(model)
@@ -168,6 +169,7 @@ def train_transformer(
         **budget.metrics(ctx.info.world_size),
         "resumed_from": start,
         "train_seconds": round(seconds, 2),
+        **run.step_time_metrics(step_seconds, budget.phases, start),
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
         "params": model.num_params(),
