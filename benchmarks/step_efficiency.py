@@ -305,14 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         own_steps = {"tokenizer": params.tokenizer.train.steps, "transformer": params.transformer.train.steps}
         slowest = max(trainers, key=lambda n: trainers[n][best[n]]["step_s"] * (own_steps[n] or 1))
         profile_steps = max(8, args.steps // 2)
-        if slowest == "tokenizer":
-            ops = top_ops(
-                lambda: tokenizer_step(params, data_root, tmp, profile_steps, bf16=best[slowest] == "bf16")
-            )
-        else:
-            ops = top_ops(
-                lambda: transformer_step(params, tokens_dir, tmp, profile_steps, bf16=best[slowest] == "bf16")
-            )
+
+        def profile_of(name: str) -> list[dict]:
+            return top_ops(lambda: runs[name](best[name] == "bf16", profile_steps))
+
+        ops = profile_of(slowest)
+        # and the profile of any trainer below half its dtype's peak, to say what holds it back
+        below = {n: profile_of(n) for n, r in trainers.items() if n != slowest and r[best[n]]["ratio"] < 0.5}
         result = {
             "machine": {
                 "cpu": _cpu_name(),
@@ -326,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_dtype": best,
             "top_ops_trainer": f"{slowest} ({best[slowest]})",
             "top_ops": ops,
+            "top_ops_below_half_peak": below,
         }
         if args.levers:
             result["levers"] = levers(params, data_root, tokens_dir, tmp, args.steps, best)

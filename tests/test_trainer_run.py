@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.test_transformer_stage import stage2_params
 from vim_core.config import parse_params
 from vim_core.errors import ConfigError, VimError
-from vim_core.train.run import count_flops, flops_until, resolve_budget
+from vim_core.train.run import count_flops, flops_until, resolve_budget, step_time_metrics
 from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 
@@ -103,6 +103,10 @@ def test_a_flop_budget_buys_the_steps_it_pays_for(stage2, tmp_path):
     ]
     assert start == 6 and after > before > 0
     assert tok["train_flops"] == pytest.approx(6 * before + 6 * after)
+    # each phase's step time is recorded (the GAN phase also trains D, so it is the slower one)
+    (p0, t0), (p1, t1) = [(p["from_step"], p["seconds"]) for p in tok["step_seconds_median"]]
+    assert (p0, p1) == (0, 6) and t1 > t0 > 0 and tok["first_step_seconds"] > 0
+    assert 0 < counted["step_seconds_median"] <= counted["train_seconds"]
     raw = _params(stage2, tmp_path / "d", "tokenizer", steps=None, flops=6 * before + 3.5 * after)
     tok = train_tokenizer(parse_params(raw).tokenizer, raw["data"]["out_dir"], seed=0).metrics
     assert tok["steps"] == 9 and tok["train_flops"] == pytest.approx(6 * before + 3 * after)
@@ -136,3 +140,16 @@ def test_flops_until_and_cpu_attention_are_counted():
     before = torch.get_rng_state()
     count_flops(lambda: torch.rand(3))
     assert torch.equal(torch.get_rng_state(), before), "counting must not move the run's RNG"
+
+
+def test_step_time_metrics_skip_each_phases_warm_up():
+    """The median leaves out a phase's first 3 steps (compilation) once the phase has more than 6."""
+    times = [9.0, 9.0, 9.0] + [1.0] * 5 + [7.0, 7.0, 7.0] + [2.0] * 5
+    m = step_time_metrics(times, [(0, 10), (8, 20)], start=0)
+    assert m["first_step_seconds"] == 9.0
+    assert m["step_seconds_median"] == [{"from_step": 0, "seconds": 1.0}, {"from_step": 8, "seconds": 2.0}]
+    # resumed at step 10: only the GAN phase ran, and a short phase keeps all its steps
+    assert step_time_metrics([4.0, 2.0, 3.0], [(0, 10), (8, 20)], start=10)["step_seconds_median"] == [
+        {"from_step": 8, "seconds": 3.0}
+    ]
+    assert step_time_metrics([], [(0, 1)], 0) == {}

@@ -245,7 +245,7 @@ def step_time_metrics(step_seconds: list[float], phases: list[tuple[int, int]], 
         if times:
             medians.append({"from_step": begin, "seconds": round(float(np.median(times)), 4)})
     if medians:
-        out["step_seconds_median"] = medians[-1]["seconds"] if len(medians) == 1 else medians
+        out["step_seconds_median"] = medians[0]["seconds"] if len(phases) == 1 else medians
     return out
 
 
