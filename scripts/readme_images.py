@@ -30,6 +30,7 @@ SCREENSHOTS = {
     "prefect-deployment.png": "prefect-deployment.png",
     "mlflow-registry.png": "mlflow-registry.png",
     "mlflow-compare.png": "mlflow-compare.png",
+    "prefect-run-completed.png": "prefect-run-completed.png",
 }
 PLOTS = {
     "samples_per_class.png": "plots/samples_per_class.png",

@@ -228,31 +228,51 @@ def test_mlflow_compares_two_runs_and_shows_a_sample_grid(page, registry, tmp_pa
 
 @pytest.fixture(scope="module")
 def prefect_ui(tmp_path_factory):
-    """A Prefect server, and `python -m flows.deploy --cron ...` serving retrain/scheduled on it."""
-    from tests.test_orchestration_pipeline import _wait_for_deployment
+    """A Prefect server, and `python -m flows.deploy --cron ...` serving retrain/scheduled on it from a
+    tiny repository (a git copy of the working tree with micro params, as the orchestration tests make it)
+    that tracks to its own `mlflow server`: a click on Run retrains a real pipeline, in seconds of CPU."""
+    import yaml
+
+    from tests.conftest import copy_repo, git_commit
+    from tests.test_orchestration_pipeline import _wait_for_deployment, tiny_params
 
     root = tmp_path_factory.mktemp("ui-prefect")
+    repo = root / "repo"
+    repo.mkdir()
+    copy_repo(repo)
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
+    git_commit(repo, "tiny params")
+    (root / "mlflow").mkdir()
+    mlflow_server, mlflow_proc = start_mlflow(root / "mlflow", timeout=300)
     url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
     (root / "client").mkdir()
     env = {
         **os.environ,
         **servers.prefect_env(root / "client", api_url=f"{url}/api"),
         "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_NAME": "ui-retrain",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DVC_NO_ANALYTICS": "1",
         "OMP_NUM_THREADS": "1",
     }
+    for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV):
+        env.pop(key, None)
     log = open(root / "serve.log", "wb")  # noqa: SIM115  (closed below; the child keeps a copy)
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.deploy", "--cron", CRON, "--timezone", TIMEZONE],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     log.close()
-    ui = SimpleNamespace(prefect=url, env=env, root=root)
+    ui = SimpleNamespace(prefect=url, env=env, root=root, repo=repo, serve_log=root / "serve.log")
     try:
         ui.deployment = _wait_for_deployment(ui, "retrain/scheduled", serve)
         yield ui
     finally:
         servers.stop(serve, timeout=30)
         servers.stop(proc, timeout=20)
+        servers.stop(mlflow_proc)
 
 
 def _flow_runs(ui, deployment_id, timeout: float = 0):
@@ -314,23 +334,58 @@ def test_prefect_deployment_page_shows_cron_schedule_and_next_run(page, prefect_
     expect(page.get_by_text("Edit schedule", exact=True)).to_be_hidden()
 
 
-def test_prefect_run_button_creates_a_flow_run(page, prefect_ui, tmp_path):
-    """Run -> Quick run on a work-pool deployment. No worker polls the pool, so the run is created and
-    waits: the click is checked without running the pipeline in this checkout."""
+def _final_state(ui, flow_run_id, timeout: float):
+    """The flow run once its state is final (Completed, Failed, Crashed...), polled through the API."""
+    from prefect.client.orchestration import get_client
+
+    from tests.test_orchestration_pipeline import _prefect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with _prefect(ui), get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+        if run.state.is_final() or time.monotonic() > deadline:
+            return run
+        time.sleep(3)
+
+
+RETRAIN_TASKS = ("repro", "log_models", "register", "promote")  # dvc repro, then publish's three tasks
+
+
+def test_prefect_run_button_retrains_and_its_page_shows_the_tasks_completed(page, prefect_ui, tmp_path):
+    """Run -> Quick run on the served retrain/scheduled deployment: the serving process runs the tiny
+    pipeline through DVC, publishes and promotes, and the flow run's page shows each task Completed."""
+    import re
+
     from playwright.sync_api import expect
 
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.deploy", "--pool", "vim-ui", "--name", "clicked", "--cron", "0 5 * * *"],
-        cwd=REPO, env=prefect_ui.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    deployment_id = out.stdout.split("(")[1].split(")")[0]
-    before = {r.id for r in _flow_runs(prefect_ui, deployment_id)}
-    _deployment_page(page, prefect_ui, "clicked", deployment_id)
+    deployment = prefect_ui.deployment
+    before = {r.id for r in _flow_runs(prefect_ui, deployment.id)}
+    _deployment_page(page, prefect_ui, "scheduled", deployment.id)
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
     expect(page.get_by_text("scheduled to start now").first).to_be_visible()
     # one new run, made by the click (not by the schedule), and it is the one the toast names
-    [run] = [r for r in _flow_runs(prefect_ui, deployment_id) if r.id not in before and not r.auto_scheduled]
+    [run] = [r for r in _flow_runs(prefect_ui, deployment.id) if r.id not in before and not r.auto_scheduled]
     expect(page.get_by_text(f"{run.name} scheduled to start now").first).to_be_visible()
     screenshot(page, "prefect-run", tmp_path)
+
+    final = _final_state(prefect_ui, run.id, timeout=1200)
+    assert final.state.is_completed(), (final.state, prefect_ui.serve_log.read_text()[-3000:])
+    page.goto(f"{prefect_ui.prefect}/runs/flow-run/{run.id}")
+    expect(page.get_by_text(run.name, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+    page.get_by_text("Task Runs", exact=True).click()
+    page.get_by_text(re.compile(r"^repro-")).first.wait_for()
+    for task in RETRAIN_TASKS:
+        link = page.get_by_role("link", name=re.compile(rf"^{task}-"))
+        expect(link.first).to_be_visible()
+        card = page.locator(".state-list-item").filter(has=link.first)
+        expect(card.get_by_text("Completed", exact=True)).to_be_visible()
+    screenshot(page, "prefect-run-completed", tmp_path)
+    # and the click's retrain registered its models: the tiny repo's registry has a champion
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=prefect_ui.env["MLFLOW_TRACKING_URI"])
+    for name in MODEL_NAMES:
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
