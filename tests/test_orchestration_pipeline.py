@@ -80,6 +80,16 @@ def tiny_params(raw: dict) -> dict:
     return raw
 
 
+def tiny_repo(repo: Path) -> Path:
+    """A git copy of the working tree at `repo` whose committed params.yaml is tiny_params'."""
+    repo.mkdir()
+    copy_repo(repo)
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
+    git_commit(repo, "tiny params")
+    return repo
+
+
 # ---- fixtures
 
 
@@ -87,12 +97,7 @@ def tiny_params(raw: dict) -> dict:
 def orch(tmp_path_factory, mlflow_server, prefect_server):
     """The tiny repository and the environment its commands run in (both servers, own experiment)."""
     root = tmp_path_factory.mktemp("orch")
-    repo = root / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    params = repo / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
-    git_commit(repo, "tiny params")
+    repo = tiny_repo(root / "repo")
     (root / "prefect-client").mkdir()
     env = {
         **os.environ,

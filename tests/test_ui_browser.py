@@ -231,18 +231,10 @@ def prefect_ui(tmp_path_factory):
     """A Prefect server, and `python -m flows.deploy --cron ...` serving retrain/scheduled on it from a
     tiny repository (a git copy of the working tree with micro params, as the orchestration tests make it)
     that tracks to its own `mlflow server`: a click on Run retrains a real pipeline, in seconds of CPU."""
-    import yaml
-
-    from tests.conftest import copy_repo, git_commit
-    from tests.test_orchestration_pipeline import _wait_for_deployment, tiny_params
+    from tests.test_orchestration_pipeline import _wait_for_deployment, tiny_repo
 
     root = tmp_path_factory.mktemp("ui-prefect")
-    repo = root / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    params = repo / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
-    git_commit(repo, "tiny params")
+    repo = tiny_repo(root / "repo")
     (root / "mlflow").mkdir()
     mlflow_server, mlflow_proc = start_mlflow(root / "mlflow", timeout=300)
     url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
