@@ -1,10 +1,12 @@
 """Checkpoints: exact round-trip, damage detection, pruning, resume semantics, a real SIGKILL mid-run,
 and the file tracker's resume behaviour (it must agree with the checkpoint's step)."""
 
+import contextlib
 import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +214,39 @@ def test_keep_last_prunes_old_and_stale(tmp_path):
     assert torch.equal(
         load_file(tmp_path / "step-00000005" / "model.safetensors")["body.weight"], model.body.weight
     )
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `path` (made if missing) for the block; skips where mounting is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here to make a small tmpfs")
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("where", ["weights", "state"])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, where):
+    model, opt, sched, ema = _setup()
+    with tmpfs(tmp_path / "small", 128 * 1024) as root:
+        first = _save(root, 1, model, opt, sched, ema, keep_last=None)
+        big = {"model": nn.Linear(256, 256)} if where == "weights" else {"model": model}
+        extra = {"filler": torch.zeros(64 * 1024)} if where == "state" else None
+        with pytest.raises(VimError) as err:
+            ckpt.save_checkpoint(root, 2, big, {"opt": opt}, extra=extra, keep_last=1)
+        assert str(err.value) == (
+            f"{root}: checkpoint write failed, no space left on device (step 2 not saved; the previous "
+            "checkpoints are intact: free space and rerun to resume from the newest)"
+        )
+        assert sorted(p.name for p in root.iterdir()) == [first.name]  # no temp dir left behind
+        assert ckpt.verify_checkpoint(first)["step"] == 1
 
 
 def test_maybe_resume_modes(tmp_path):

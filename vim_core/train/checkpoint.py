@@ -9,6 +9,7 @@ Layout of one checkpoint (the directory appears under its final name only once c
 `step` counts completed optimizer steps: a run resumed from step-00000123 next runs step 123 (0-based).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -232,7 +233,38 @@ def save_checkpoint(
     return final
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a write failure: safetensors and torch.save wrap it (or only quote it)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        if "os error 28" in str(err) or "No space left on device" in str(err):  # safetensors' Rust text
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _write_atomic(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state: dict) -> Path:
+    """_write_files, with an I/O failure (a full disk above all) as one line; the temp dir is gone by then."""
+    try:
+        return _write_files(ckpt_dir, step, modules, state)
+    except (OSError, RuntimeError, safetensors.SafetensorError) as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise VimError(
+                f"{ckpt_dir}: checkpoint write failed, no space left on device (step {step} not saved; "
+                "the previous checkpoints are intact: free space and rerun to resume from the newest)"
+            ) from None
+        raise VimError(
+            f"{ckpt_dir}: checkpoint write failed ({cause.strerror or _one_line(cause)}); step {step} not saved"
+        ) from None
+
+
+def _write_files(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state: dict) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / step_dir_name(step)
     # os.mkdir (not mkdtemp, which forces 0700) so the checkpoint gets the umask's usual permissions.
@@ -244,7 +276,9 @@ def _write_atomic(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state
             path = tmp / f"{name}.safetensors"
             save_file(_module_state(module), str(path), metadata={"step": str(step), "module": name})
             files[path.name] = {}
-        torch.save(state, tmp / STATE_FILE)
+        # Through a Python file, so a failed write leaves its OSError (ENOSPC) behind torch's RuntimeError.
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
         files[STATE_FILE] = {}
         mode = (tmp / STATE_FILE).stat().st_mode & 0o777  # safetensors writes 0600; match torch.save's umask
         for fname in files:
