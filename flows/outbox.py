@@ -72,8 +72,7 @@ class Outbox:
                 self._replay_if_due()
                 return
             try:
-                with mlflow_run.quick_http():
-                    fn(self.client, *files)
+                self._call(fn, files)
             except Exception as err:
                 if not mlflow_run.is_outage(err, self.uri):
                     raise
@@ -109,6 +108,19 @@ class Outbox:
                 _open.pop(self.run_id, None)
             return left
 
+    def _call(self, fn, files) -> None:
+        """One quick try, and a second one at once if the connection broke: after a server restart the
+        first request may go out on a pooled connection the old server closed."""
+        try:
+            with mlflow_run.quick_http():
+                fn(self.client, *files)
+            return
+        except Exception as err:
+            if not _broken_connection(err):
+                raise
+        with mlflow_run.quick_http():
+            fn(self.client, *files)
+
     # ---- the queue
 
     def _held(self, fn, files, what) -> _Call:
@@ -139,8 +151,7 @@ class Outbox:
         while self._queue:
             call = self._queue[0]
             try:
-                with mlflow_run.quick_http():
-                    call.fn(self.client, *call.files)
+                self._call(call.fn, call.files)
             except Exception as err:
                 if mlflow_run.is_outage(err, self.uri):
                     break
@@ -156,6 +167,19 @@ class Outbox:
                 delivered,
                 len(self._queue),
             )
+
+
+def _broken_connection(err: BaseException) -> bool:
+    """A refused, reset or aborted connection (MLflow wraps these in a plain MlflowException), not a
+    timeout: a server that hangs should cost one timeout per call, not two."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(err, RestException) or "timeout" in str(err).lower():
+        return False
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, requests.ConnectionError | ConnectionError)
 
 
 def _first_line(err: BaseException) -> str:
