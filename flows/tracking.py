@@ -27,7 +27,7 @@ import numpy as np
 
 from flows import mlflow_run
 from flows.mlflow_run import sanitize_key
-from flows.outbox import outbox, warning_line
+from flows.outbox import DEFAULT_FLUSH_S, FLUSH_ENV, outbox, warning_line
 from flows.stages import declared
 from vim_core.errors import VimError
 from vim_core.train.tracking import NullTracker, Tracker, flatten, to_hwc
@@ -177,6 +177,7 @@ def stage_run(stage_name: str, params=None) -> Iterator[MlflowTracker]:
     if not mlflow_run.enabled():
         yield _Discard()
         return
+    flush_s = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)  # a bad value fails before the work
     tracker = MlflowTracker(mlflow_run.open_stage_run(stage_name))
     status = "FAILED"
     try:
@@ -184,16 +185,16 @@ def stage_run(stage_name: str, params=None) -> Iterator[MlflowTracker]:
         yield tracker
         status = "FINISHED"
     finally:
-        _end_stage_run(tracker.outbox, stage_name, status)
+        _end_stage_run(tracker.outbox, stage_name, status, flush_s)
 
 
-def _end_stage_run(box, stage_name: str, status: str) -> None:
+def _end_stage_run(box, stage_name: str, status: str, flush_s: float) -> None:
     """Queue the run's end behind its calls, flush, warn about what the server never took, then take the
     run off MLflow's active-run stack (end_run), which must not wait on an absent server either."""
     import mlflow
 
     box.send(lambda c: c.set_terminated(box.run_id, status), what=f"end ({status})")
-    undelivered = box.close()
+    undelivered = box.close(flush_s)
     if undelivered:
         print(warning_line(box, undelivered, stage_name), file=sys.stderr)
     active = mlflow.active_run()

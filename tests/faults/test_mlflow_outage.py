@@ -30,7 +30,7 @@ from tests.test_orchestration_pipeline import tiny_repo
 
 pytestmark = pytest.mark.slow
 
-STEPS = 200  # 5 s of micro training alone, 20-30 s on shared cores: room to kill the server part-way
+STEPS = 120  # 3 s of micro training alone, 15-30 s on shared cores: room to kill the server part-way
 LOG_EVERY = 5
 STAGE_TIMEOUT = 300
 DVC_OUTS = ("models/tokenizer", "metrics/tokenizer.json", "plots/tokenizer_*")  # as dvc.yaml declares
