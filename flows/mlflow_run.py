@@ -155,11 +155,16 @@ def quick_http() -> Iterator[None]:
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(saved)
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` holds them (None: was unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def is_outage(err: BaseException, uri: str | None = None) -> bool:
@@ -319,11 +324,7 @@ def pipeline_run(name: str, tags: dict | None = None) -> Iterator[str]:
         try:
             yield run.info.run_id
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore_env(saved)
 
 
 def open_stage_run(stage_name: str) -> str:
