@@ -8,13 +8,19 @@ environment (a bare `dvc repro`) is a top-level run of the same experiment.
 
 The embedded default is a sqlite store `mlflow.db` in the repo root with artifacts under `mlartifacts/`
 (both git-ignored); MLFLOW_TRACKING_URI points everything at a server instead. VIM_TRACKING=off turns
-MLflow off (see enabled()). What goes into a run is flows/tracking.py's MlflowTracker.
+MLflow off (see enabled()). What goes into a run is flows/tracking.py's MlflowTracker; how its calls
+survive a server outage is flows/outbox.py.
+
+A server that is down when a stage starts is waited for (VIM_TRACKING_WAIT seconds, default 60: a
+restarting `mlflow server` takes 11-25 s to answer on 2 cores); if it never answers the stage fails in one
+line (TransientError) before any work.
 """
 
 import hashlib
 import os
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 PARENT_ENV = "VIM_PARENT_RUN_ID"
 SWITCH_ENV = "VIM_TRACKING"
 DEFAULT_EXPERIMENT = "vim"
+WAIT_ENV = "VIM_TRACKING_WAIT"
+DEFAULT_WAIT_S = 60.0
 
 # MLflow's limits (mlflow.utils.validation), spelled out so a change there fails a test, not a run.
 MAX_KEY = 250
@@ -92,6 +100,97 @@ def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
     raise TransientError(f"MLflow tracking server {_redact(uri)} did not answer ({reason})")
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A non-negative number of seconds from the environment; a bad value is a one-line VimError."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise VimError(f"{name}={raw!r} is not a number of seconds >= 0")
+    return value
+
+
+def backoff(within: float, first: float = 1.0, most: float = 8.0) -> Iterator[float]:
+    """Sleeps of 1, 2, 4, 8, 8 ... seconds, cut to end at `within` seconds from now; then stops."""
+    deadline = time.monotonic() + within
+    delay = first
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(delay, left)
+        delay = min(delay * 2, most)
+
+
+def wait_reachable(uri: str | None = None, within: float | None = None) -> None:
+    """check_reachable, retried with backoff for `within` seconds (VIM_TRACKING_WAIT): a server that is
+    restarting is waited for; one that never answers is a one-line TransientError that says for how long."""
+    uri = uri or tracking_uri()
+    within = seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S) if within is None else within
+    sleeps = backoff(within)
+    while True:
+        try:
+            return check_reachable(uri)
+        except TransientError as err:
+            pause = next(sleeps, None)
+            if pause is None:
+                raise TransientError(f"{err} within {within:g} s (set {WAIT_ENV} to wait longer)") from None
+            time.sleep(pause)
+
+
+# MLflow's client retries a failed call for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 with backoff 2):
+# a tracking call on the training thread must fail fast instead, and flows/outbox.py retries it later.
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def quick_http() -> Iterator[None]:
+    """MLflow HTTP calls in this block: no retries, 10 s timeout. MLflow reads these variables at each
+    call and has no per-client setting, so they are set in os.environ for the block (and restored)."""
+    saved = {k: os.environ.get(k) for k in QUICK_HTTP}
+    os.environ.update(QUICK_HTTP)
+    try:
+        yield
+    finally:
+        restore_env(saved)
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` holds them (None: was unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def is_outage(err: BaseException, uri: str | None = None) -> bool:
+    """Whether a failed MLflow call failed because the server is away, not because of what was sent.
+
+    The server's own 5xx answers count; an HTTP 4xx (bad input) does not. MLflow reports a refused or
+    reset connection and a timeout as a plain MlflowException with a 500 code, like some client-side
+    errors, so for those a /health probe decides.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(err, RestException):
+        return err.get_http_status_code() >= 500
+    if isinstance(err, requests.HTTPError):  # artifact uploads
+        return err.response is None or err.response.status_code >= 500
+    if isinstance(err, MlflowException):
+        if err.get_http_status_code() < 500:
+            return False
+    elif not isinstance(err, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
+        return False
+    try:
+        check_reachable(uri, timeout=2.0)
+    except TransientError:
+        return True
+    return False
 
 
 REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
@@ -191,11 +290,13 @@ def revision_tags() -> dict[str, str]:
 
 
 def set_run_tags(run_id: str | None, tags: dict) -> None:
-    """Tags on a run; nothing when tracking is off (run_id None)."""
+    """Tags on a run, through its outbox (held while the server is away); nothing with tracking off."""
     if run_id:
-        c = client()
+        from flows.outbox import outbox  # above this module: it calls the client this module makes
+
+        box = outbox(run_id)
         for key, value in clean_tags(tags).items():
-            c.set_tag(run_id, key, value)
+            box.send(lambda c, k=key, v=value: c.set_tag(run_id, k, v), what=f"tag {key}")
 
 
 # ---- runs
@@ -223,30 +324,47 @@ def pipeline_run(name: str, tags: dict | None = None) -> Iterator[str]:
         try:
             yield run.info.run_id
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore_env(saved)
 
 
-@contextmanager
-def start_stage_run(stage_name: str) -> Iterator[str]:
-    """A run for one stage, nested under VIM_PARENT_RUN_ID when set; yields its run id.
+def open_stage_run(stage_name: str) -> str:
+    """Create a run for one stage, nested under VIM_PARENT_RUN_ID when set, as this thread's active run;
+    return its id. The caller ends it (flows.tracking.stage_run, through the run's outbox).
 
-    The run carries the stage name and the git/DVC revision as tags, and ends FINISHED, or FAILED when
-    the block raises.
+    The run carries the stage name and the git/DVC revision as tags. A server that does not answer is
+    waited for (wait_reachable), so a restart between stages is fine; one that stays away is a one-line
+    TransientError before any work.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = configure()
-    check_reachable(uri)
+    wait_reachable(uri)
+    reason = ""
+    for pause in (2.0, 4.0, 0.0):  # it answered /health: a few quick tries, in case it went away again
+        try:
+            with quick_http():
+                return _create_stage_run(stage_name, uri)
+        except MlflowException as err:
+            if not is_outage(err, uri):
+                raise
+            reason = str(err).splitlines()[0][:200]
+        time.sleep(pause)
+    raise TransientError(
+        f"MLflow tracking server {_redact(uri)} did not create the {stage_name} run ({reason})"
+    )
+
+
+def _create_stage_run(stage_name: str, uri: str) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     parent = os.environ.get(PARENT_ENV) or None
     if parent:
         try:
             exp_id = client().get_run(parent).info.experiment_id
         except MlflowException as err:
+            if is_outage(err, uri):
+                raise
             raise VimError(
                 f"{PARENT_ENV}={parent} names no run on {_redact(uri)}; unset it or run the pipeline "
                 f"through its flow ({err.error_code})"
@@ -255,7 +373,7 @@ def start_stage_run(stage_name: str) -> Iterator[str]:
         exp_id = ensure_experiment()
     tags = {"vim.kind": "stage", "vim.stage": stage_name, **revision_tags()}
     # nested=True: an in-process pipeline_run() may be active in this thread; it is then the parent.
-    with mlflow.start_run(
+    run = mlflow.start_run(
         run_name=stage_name, experiment_id=exp_id, parent_run_id=parent, nested=True, tags=tags
-    ) as run:
-        yield run.info.run_id
+    )
+    return run.info.run_id

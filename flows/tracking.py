@@ -4,6 +4,12 @@ stage_run() opens a stage's MLflow run (flows/mlflow_run.py has the run lifecycl
 stage nests under its pipeline run, the tags) and yields an MlflowTracker on it. VIM_TRACKING=off turns
 MLflow off: stage_run() then yields a tracker that discards everything (vim_core's NullTracker).
 
+Tracking never stops a stage's training: every call goes through the run's outbox (flows/outbox.py),
+which holds calls while the server is away and replays them, in order, when it answers again. At the end
+of the stage the outbox is flushed for up to VIM_TRACKING_FLUSH seconds (default 45); if the server is
+still away, the stage keeps its outputs, prints one warning line naming the server and the number of
+calls not delivered, and succeeds: the run then stays RUNNING on the server, with what reached it.
+
 log_stage_outputs() logs what dvc.yaml declares as a stage's metrics and plots (flows/stages.py), so a
 stage's MLflow run and `dvc metrics show` / `dvc plots show` present the same files.
 """
@@ -11,6 +17,7 @@ stage's MLflow run and `dvc metrics show` / `dvc plots show` present the same fi
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +27,7 @@ import numpy as np
 
 from flows import mlflow_run
 from flows.mlflow_run import sanitize_key
+from flows.outbox import DEFAULT_FLUSH_S, FLUSH_ENV, outbox, warning_line
 from flows.stages import declared
 from vim_core.errors import VimError
 from vim_core.train.tracking import NullTracker, Tracker, flatten, to_hwc
@@ -56,7 +64,8 @@ class MlflowTracker:
     """The trainers' Tracker (vim_core.train.tracking) writing to one MLflow run.
 
     It holds the run id and calls MlflowClient, not the fluent API, so it works from any thread (Prefect
-    may run a task in a worker thread, where MLflow's thread-local active run is not set).
+    may run a task in a worker thread, where MLflow's thread-local active run is not set). Its calls go
+    through the run's outbox, shared by every tracker of the run in this process.
     """
 
     def __init__(self, run_id: str | None = None):
@@ -68,7 +77,7 @@ class MlflowTracker:
                 raise VimError("MlflowTracker needs a run: pass run_id or open stage_run() first")
             run_id = active.info.run_id
         self.run_id = run_id
-        self.client = mlflow_run.client()
+        self.outbox = outbox(run_id)
         self._params: dict[str, str] = {}
 
     def log_params(self, params: dict) -> None:
@@ -84,8 +93,8 @@ class MlflowTracker:
                 log.warning("param %s already logged as %r; keeping it, not %r", key, old, value)
         items = sorted(new.items())
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            chunk = items[i : i + PARAMS_PER_BATCH]
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
+            chunk = [Param(k, v) for k, v in items[i : i + PARAMS_PER_BATCH]]
+            self.outbox.send(lambda c, b=chunk: c.log_batch(self.run_id, params=b), what="params")
         self._params.update(new)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -102,23 +111,34 @@ class MlflowTracker:
                 continue
             batch.append(Metric(sanitize_key(key), number, now, int(step)))
         for i in range(0, len(batch), METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + METRICS_PER_BATCH])
+            chunk = batch[i : i + METRICS_PER_BATCH]
+            what = f"metrics of step {int(step)}"
+            self.outbox.send(lambda c, b=chunk: c.log_batch(self.run_id, metrics=b), what=what)
 
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         """A file or folder; `name` is its path inside the run's artifacts (default: its own name)."""
         src = Path(path)
         if src.is_dir():
-            self.client.log_artifacts(self.run_id, str(src), artifact_path=name or src.name)
+            folder = name or src.name
+            send = self.outbox.send
+            send(lambda c, d: c.log_artifacts(self.run_id, d, artifact_path=folder), str(src), what=folder)
             return
         dest = Path(name) if name else Path(src.name)
         folder = None if str(dest.parent) == "." else dest.parent.as_posix()
         if dest.name == src.name:
-            self.client.log_artifact(self.run_id, str(src), artifact_path=folder)
+            self._send_file(src, folder, dest)
             return
         with tempfile.TemporaryDirectory() as tmp:  # MLflow names the artifact after the local file
             renamed = Path(tmp) / dest.name
             shutil.copy2(src, renamed)
-            self.client.log_artifact(self.run_id, str(renamed), artifact_path=folder)
+            self._send_file(renamed, folder, dest)
+
+    def _send_file(self, src: Path, folder: str | None, dest: Path) -> None:
+        """Held calls name a copy of the file (the outbox makes it), so a later rewrite does not leak in."""
+        send = self.outbox.send
+        send(
+            lambda c, f: c.log_artifact(self.run_id, f, artifact_path=folder), str(src), what=dest.as_posix()
+        )
 
     def log_image(self, image: str | Path | np.ndarray, name: str) -> None:
         """A uint8 array or an image file, stored as images/<name>.png (or the file's own suffix)."""
@@ -127,8 +147,9 @@ class MlflowTracker:
             stem = name if Path(name).suffix else f"{name}{src.suffix}"
             self.log_artifact(src, f"images/{stem}")
             return
-        file = name if name.endswith(".png") else f"{name}.png"
-        self.client.log_image(self.run_id, to_hwc(image), artifact_file=f"images/{file}")
+        file = f"images/{name if name.endswith('.png') else f'{name}.png'}"
+        pixels = np.array(to_hwc(image))  # a copy: the caller may reuse its buffer before a held call goes
+        self.outbox.send(lambda c: c.log_image(self.run_id, pixels, artifact_file=file), what=file)
 
 
 class _Discard(NullTracker):
@@ -147,17 +168,44 @@ def tracker_for(run_id: str | None) -> Tracker:
 
 @contextmanager
 def stage_run(stage_name: str, params=None) -> Iterator[MlflowTracker]:
-    """A stage's run (mlflow_run.start_stage_run) with `params` logged flattened; yields its MlflowTracker.
+    """A stage's run (mlflow_run.open_stage_run) with `params` logged flattened; yields its MlflowTracker.
 
     `params` is a dict or a pydantic model. With tracking off, yields a tracker that discards everything.
+    The run ends FINISHED, or FAILED when the block raises, once the outbox is flushed; calls the server
+    never took are reported in one warning line and do not fail the stage (the module docstring says why).
     """
     if not mlflow_run.enabled():
         yield _Discard()
         return
-    with mlflow_run.start_stage_run(stage_name) as run_id:
-        tracker = MlflowTracker(run_id)
+    flush_s = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)  # a bad value fails before the work
+    tracker = MlflowTracker(mlflow_run.open_stage_run(stage_name))
+    status = "FAILED"
+    try:
         tracker.log_params(_params_dict(params))
         yield tracker
+        status = "FINISHED"
+    finally:
+        _end_stage_run(tracker.outbox, stage_name, status, flush_s)
+
+
+def _end_stage_run(box, stage_name: str, status: str, flush_s: float) -> None:
+    """Queue the run's end behind its calls, flush, warn about what the server never took, then take the
+    run off MLflow's active-run stack (end_run), which must not wait on an absent server either."""
+    import mlflow
+
+    box.send(lambda c: c.set_terminated(box.run_id, status), what=f"end ({status})")
+    undelivered = box.close(flush_s)
+    if undelivered:
+        print(warning_line(box, undelivered, stage_name), file=sys.stderr)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == box.run_id:
+        # end_run pops the stack, then repeats set_terminated: harmless when delivered, quick if not.
+        with mlflow_run.quick_http():
+            try:
+                mlflow.end_run(status)
+            except Exception as err:
+                if not mlflow_run.is_outage(err, box.uri):
+                    raise
 
 
 def _params_dict(params) -> dict:

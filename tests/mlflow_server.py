@@ -20,9 +20,12 @@ class MlflowServer:
     root: Path  # holds mlflow.db, the artifacts and the log
 
 
-def start_mlflow(root: Path, timeout: float = 120.0):
-    """Start the server under `root`; returns (MlflowServer, process). Takes 11-25 s on 2 cores."""
-    port = servers.free_port()
+def start_mlflow(root: Path, timeout: float = 120.0, port: int | None = None):
+    """Start the server under `root`; returns (MlflowServer, process). Takes 11-25 s on 2 cores.
+
+    `port` (default: a free one) restarts a stopped server where its clients look, on the same store.
+    """
+    port = port or servers.free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         str(servers.BIN / "mlflow"),
