@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.dvc_locks import sweep_if_under_dvc
 from flows.ephemeral import start_ephemeral_api
 from flows.stages import Stage, declared
 from vim_core.config import Params, load_params
@@ -107,6 +108,7 @@ def run_stage(flow: Callable[..., object], argv: list[str] | None = None) -> int
     parser = argparse.ArgumentParser(description=flow.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    sweep_if_under_dvc()  # what an earlier, killed `dvc repro` left in DVC's lock file
     return run_flow_cli(
         lambda: load_params(args.params),  # fail before Prefect starts, in one line per problem
         lambda: flow(params_path=args.params, return_state=True),

@@ -106,12 +106,32 @@ def save_safetensors_with_spec(state: dict, spec: dict, fmt: str, path: str) -> 
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     data = safetensors.torch.save(tensors, metadata={"format": fmt, "config": json.dumps(spec)})
+    data = canonical_safetensors(data)
     fs, fpath = url_fs(path)
     if fs.protocol in ("file", "local") or "file" in fs.protocol:
         atomic_write_bytes(fpath, data)
     else:
         with fs.open(fpath, "wb") as f:  # object stores publish a whole object or nothing
             f.write(data)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted, so equal weights give equal bytes.
+
+    safetensors writes `__metadata__` from a Rust HashMap, in a random order each call: without this, a
+    resumed or repeated run that trains bit-identical weights exports a file with another md5, and DVC
+    sees a changed output and reruns every stage below it. Tensors keep their (deterministic) order;
+    the header is padded with spaces to 8 bytes, as safetensors pads it.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    canon = {}
+    if "__metadata__" in header:
+        canon["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    canon.update(header)
+    text = json.dumps(canon, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def load_safetensors_with_spec(path: str, fmt: str, what: str) -> tuple[dict, dict]:
