@@ -84,6 +84,26 @@ def _row(page, key: str):
     return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
 
 
+def tiny_env(prefect_home: Path, mlflow_url: str, experiment: str, prefect_api: str | None = None) -> dict:
+    """The environment a tiny repository's retrain runs in: this venv's tools, tracking on (to
+    `mlflow_url`), no parent run inherited, one torch thread; Prefect at `prefect_api`, else ephemeral."""
+    env = {
+        **os.environ,
+        **servers.prefect_env(prefect_home, api_url=prefect_api),
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV):
+        env.pop(key, None)
+    if prefect_api is None:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
 # ---- MLflow
 
 
@@ -102,19 +122,8 @@ def registry(tmp_path_factory):
     (root / "prefect").mkdir()
     server, proc = start_mlflow(root / "mlflow", timeout=300)  # shared, busy cores
     try:
-        env = {
-            **os.environ,
-            **servers.prefect_env(root / "prefect"),  # no API URL: each retrain its own ephemeral server
-            "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-            "MLFLOW_TRACKING_URI": server.url,
-            "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-            "DVC_NO_ANALYTICS": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV, "PREFECT_API_URL"):
-            env.pop(key, None)
-        tiny = SimpleNamespace(repo=repo, env=env)
+        # no Prefect API URL: each retrain starts its own ephemeral server
+        tiny = SimpleNamespace(repo=repo, env=tiny_env(root / "prefect", server.url, EXPERIMENT))
         summaries = [retrain(tiny), retrain(tiny, "--set", f"{VARIANT[0]}={VARIANT[2]}")]
         assert [s["promotion"] for s in summaries] == ["promoted", "kept"], summaries
         client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
@@ -309,18 +318,7 @@ def prefect_ui(tmp_path_factory):
     mlflow_server, mlflow_proc = start_mlflow(root / "mlflow", timeout=300)
     url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
     (root / "client").mkdir()
-    env = {
-        **os.environ,
-        **servers.prefect_env(root / "client", api_url=f"{url}/api"),
-        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_EXPERIMENT_NAME": "ui-retrain",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "DVC_NO_ANALYTICS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV):
-        env.pop(key, None)
+    env = tiny_env(root / "client", mlflow_server.url, "ui-retrain", prefect_api=f"{url}/api")
     log = open(root / "serve.log", "wb")  # noqa: SIM115  (closed below; the child keeps a copy)
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.deploy", "--cron", CRON, "--timezone", TIMEZONE],
