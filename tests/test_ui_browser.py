@@ -8,6 +8,7 @@ too (scripts/readme_images.py makes the README's pictures from them).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,18 +20,19 @@ from types import SimpleNamespace
 import pytest
 
 from flows import mlflow_run
-from flows.registry import MODEL_NAMES, compare_and_promote
+from flows.registry import BUNDLE_TAG, DECISION_TAG, METRIC_TAG, MODEL_NAMES
 from tests import servers
 from tests.mlflow_server import start_mlflow
-from tests.test_compare import pipeline
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT_ENV = "VIM_SCREENSHOT_DIR"
 CRON, TIMEZONE = "17 4 * * 2", "Europe/Paris"
-# The settings the two compared runs differ in, as a DVC experiment would set them.
-SETTINGS = ({"tokenizer": {"train": {"steps": 60}}}, {"tokenizer": {"train": {"steps": 3}}})
+EXPERIMENT = "vim"
+# The second pipeline run's `--set` (dvc exp run -S): tiny_params trains the tokenizer for 60 steps, this
+# for 3, which scores a worse PSNR every time and reruns every stage but prepare_data (about a minute).
+VARIANT = ("tokenizer.train.steps", "60", "3")
 
 
 def chromium() -> str | None:
@@ -77,36 +79,60 @@ def _text(locator) -> str:
     return " ".join(locator.inner_text().split())
 
 
+def _row(page, key: str):
+    """The table row whose first cell is `key` (metric.fid_domain, not metric.fid_domain_real)."""
+    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
+
+
+def tiny_env(prefect_home: Path, mlflow_url: str, experiment: str, prefect_api: str | None = None) -> dict:
+    """The environment a tiny repository's retrain runs in: this venv's tools, tracking on (to
+    `mlflow_url`), no parent run inherited, one torch thread; Prefect at `prefect_api`, else ephemeral."""
+    env = {
+        **os.environ,
+        **servers.prefect_env(prefect_home, api_url=prefect_api),
+        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow_url,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV):
+        env.pop(key, None)
+    if prefect_api is None:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
 # ---- MLflow
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, mnist):
-    """A server holding two pipeline runs whose bundles are registered under the pipeline's own three
-    names: the first promoted (champion, v1), the second worse on fid_domain (challenger, v2)."""
-    import mlflow
+def registry(tmp_path_factory):
+    """Two real pipeline runs of a tiny repository (tiny_repo: micro params, ranked by PSNR) tracked on
+    their own `mlflow server`: `python -m flows.retrain` promotes bundle 1, then a `dvc exp run -S` variant
+    whose tokenizer trains for 3 steps instead of 60 scores worse and stays challenger (bundle 2)."""
+    from mlflow import MlflowClient
+
+    from tests.test_orchestration_pipeline import _children, retrain, tiny_repo
 
     root = tmp_path_factory.mktemp("ui-mlflow")
-    server, proc = start_mlflow(root, timeout=300)  # shared, busy cores
+    repo = tiny_repo(root / "repo")
+    (root / "mlflow").mkdir()
+    (root / "prefect").mkdir()
+    server, proc = start_mlflow(root / "mlflow", timeout=300)  # shared, busy cores
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", server.url)
-            mp.setenv("MLFLOW_EXPERIMENT_NAME", "vim")
-            mp.delenv(mlflow_run.PARENT_ENV, raising=False)
-            mp.delenv(mlflow_run.SWITCH_ENV, raising=False)
-            runs = []
-            for i, (fid, acc, usage) in enumerate(((20.0, 0.95, 0.5), (25.0, 0.97, 0.625))):
-                runs.append(
-                    pipeline(
-                        root, mnist, MODEL_NAMES, fid, acc, usage, 3.0 - i, offset=2 * i, params=SETTINGS[i]
-                    )
-                )
-                decision = compare_and_promote(MODEL_NAMES)
-            assert decision["outcome"] == "kept"  # champion v1, challenger v2
-            experiment = mlflow_run.client().get_experiment_by_name("vim").experiment_id
-            while mlflow.active_run():
-                mlflow.end_run()
-        yield SimpleNamespace(url=server.url, experiment=experiment, runs=runs, decision=decision)
+        # no Prefect API URL: each retrain starts its own ephemeral server
+        tiny = SimpleNamespace(repo=repo, env=tiny_env(root / "prefect", server.url, EXPERIMENT))
+        summaries = [retrain(tiny), retrain(tiny, "--set", f"{VARIANT[0]}={VARIANT[2]}")]
+        assert [s["promotion"] for s in summaries] == ["promoted", "kept"], summaries
+        client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+        runs = []
+        for version in ("1", "2"):  # each bundle's tag names its pipeline run; its children are the stages
+            bundle = client.get_model_version(MODEL_NAMES[0], version).tags[BUNDLE_TAG]
+            runs.append(_children(client, client.get_run(bundle)))
+        experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+        yield SimpleNamespace(url=server.url, client=client, experiment=experiment, runs=runs)
     finally:
         servers.stop(proc)
 
@@ -137,7 +163,10 @@ def open_mlflow(page, url: str, announcement: bool = False) -> None:
 def test_mlflow_registry_lists_the_models_with_champion_and_challenger(page, registry, tmp_path):
     from playwright.sync_api import expect
 
-    champion, challenger = registry.decision["champion_after"], registry.decision["challenger"]
+    c = registry.client
+    champion = {n: c.get_model_version_by_alias(n, "champion").version for n in MODEL_NAMES}
+    challenger = {n: c.get_model_version_by_alias(n, "challenger").version for n in MODEL_NAMES}
+    assert champion == dict.fromkeys(MODEL_NAMES, "1") and challenger == dict.fromkeys(MODEL_NAMES, "2")
     open_mlflow(page, f"{registry.url}/#/models", announcement=True)
     expect(page.get_by_role("dialog")).to_have_count(0)  # nothing covers the table
     for name in MODEL_NAMES:
@@ -157,18 +186,41 @@ def test_mlflow_registry_lists_the_models_with_champion_and_challenger(page, reg
         assert f"@ challenger : Version {challenger[name]}" in aliases, aliases
     screenshot(page, "mlflow-registry", tmp_path)
 
-    # the champion's version page: its alias and the eval metrics the promotion decided on (params.yaml's
-    # promotion rule: fid_domain, with class_accuracy as the guard), as the version's tags
-    page.get_by_role("link", name=MODEL_NAMES[0], exact=True).click()
-    page.get_by_role("link", name=f"Version {champion[MODEL_NAMES[0]]}", exact=True).click()
+    # The champion's version page: its alias and, as the version's tags, the eval metrics of its pipeline's
+    # evaluate run: those the promotion ranks by (tiny_params: psnr, guard codebook_usage; params.yaml:
+    # fid_domain, guard class_accuracy).
+    name = MODEL_NAMES[0]
+    page.get_by_role("link", name=name, exact=True).click()
+    page.get_by_role("link", name=f"Version {champion[name]}", exact=True).click()
     expect(page.get_by_text("Source Run")).to_be_visible()
     expect(page.get_by_text("@ champion")).to_be_visible()
-    metrics = registry.runs[0]["metrics"]
-    for key in ("fid_domain", "class_accuracy", "codebook_usage"):
-        row = page.get_by_role("row").filter(has_text=f"metric.{key}")
+    versions = {v: c.get_model_version(name, v) for v in ("1", "2")}
+    evaluated = registry.runs[0]["evaluate"].data.metrics
+    for key in ("psnr", "codebook_usage", "fid_domain", "class_accuracy"):
+        shown = versions["1"].tags[f"{METRIC_TAG}{key}"]
+        assert float(shown) == evaluated[key], key
+        row = _row(page, f"{METRIC_TAG}{key}")
         expect(row).to_be_visible()
-        assert repr(metrics[key]) in _text(row), _text(row)
+        assert _text(row) == f"{METRIC_TAG}{key} {shown}", _text(row)
     screenshot(page, "mlflow-version", tmp_path)
+
+    # The challenger's page says why it stayed challenger: its description compares it with the champion,
+    # metric by metric (flows/compare.py writes 4 significant digits), and its promotion tag gives the reason.
+    page.go_back()
+    page.get_by_role("link", name=f"Version {challenger[name]}", exact=True).click()
+    expect(page.get_by_text("@ challenger")).to_be_visible()
+    expect(page.get_by_text(f"Compared with champion v{champion[name]}")).to_be_visible()
+    for key in ("psnr", "fid_domain", "class_accuracy", "codebook_usage"):
+        row = _row(page, key)
+        values = (float(versions[v].tags[f"{METRIC_TAG}{key}"]) for v in ("1", "2"))
+        assert _text(row) == " ".join([key, *(f"{v:.4g}" for v in values)]), _text(row)
+    ours, theirs = (float(versions[v].tags[f"{METRIC_TAG}psnr"]) for v in ("2", "1"))
+    assert ours < theirs
+    row = _row(page, DECISION_TAG)
+    row.scroll_into_view_if_needed()
+    reason = f"kept: psnr {ours:g} does not beat champion's {theirs:g}"
+    assert _text(row) == f"{DECISION_TAG} {reason}", _text(row)
+    screenshot(page, "mlflow-version-challenger", tmp_path)
 
 
 # The values a metric's row shows in the run-comparison view, left to right. The view draws its tables as
@@ -189,37 +241,64 @@ METRIC_ROW = """metric => {
 }"""
 
 
+def _compare_url(registry, stage: str) -> str:
+    """The run-comparison view of the two pipeline runs' `stage` runs, first run first."""
+    ids = json.dumps([runs[stage].info.run_id for runs in registry.runs])
+    return f"{registry.url}/#/compare-runs?runs={ids}&experiments={json.dumps([registry.experiment])}"
+
+
+def mlflow_format(value: float) -> str:
+    """A metric as the MLflow UI writes it (its Utils.formatMetric): 3 decimals under 10, 2 under 100, else 1."""
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        mantissa, exp = f"{value:.3e}".split("e")
+        return f"{mantissa}e{int(exp):+d}"
+    scale = 1e3 if abs(value) < 10 else 1e2 if abs(value) < 100 else 10
+    text = repr(math.floor(value * scale + 0.5) / scale)  # Math.round: halves go up
+    return text.removesuffix(".0")
+
+
 def test_mlflow_compares_two_runs_and_shows_a_sample_grid(page, registry, tmp_path):
     from PIL import Image
     from playwright.sync_api import expect
 
-    a, b = registry.runs
-    ids = json.dumps([a["evaluate"], b["evaluate"]])
-    open_mlflow(
-        page, f"{registry.url}/#/compare-runs?runs={ids}&experiments={json.dumps([registry.experiment])}"
-    )
+    a, b = (runs["evaluate"] for runs in registry.runs)
+    open_mlflow(page, _compare_url(registry, "evaluate"))
     expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
     page.get_by_text("Visualizations", exact=True).click()  # fold the plots; the tables come up
     page.get_by_role("link", name="fid_domain", exact=True).wait_for()
     for key in ("fid_domain", "class_accuracy", "codebook_usage"):
-        assert page.evaluate(METRIC_ROW, key) == [f"{a['metrics'][key]:g}", f"{b['metrics'][key]:g}"], key
-    # the settings they differ in
-    setting = page.get_by_role("row").filter(
-        has=page.get_by_role("rowheader", name="tokenizer.train.steps", exact=True)
-    )
-    expect(setting).to_be_visible()
-    assert _text(setting) == "tokenizer.train.steps 60 3"
+        shown = [mlflow_format(run.data.metrics[key]) for run in (a, b)]
+        assert page.evaluate(METRIC_ROW, key) == shown, key
+    # The evaluate stage's settings are the same in both: "Show diff only" folds them, and the metrics come up.
+    page.get_by_role("switch").first.click()
+    expect(page.get_by_text("No parameters to display.")).to_be_visible()
     page.get_by_text("Metrics", exact=True).scroll_into_view_if_needed()
     screenshot(page, "mlflow-compare", tmp_path)
 
+    # the setting the two runs differ in, where it was logged: on their train_tokenizer runs
+    key, first, second = VARIANT
+    open_mlflow(page, _compare_url(registry, "train_tokenizer"))
+    expect(page.get_by_text("Comparing 2 Runs")).to_be_visible()
+    page.get_by_text("Visualizations", exact=True).click()
+    page.get_by_role("switch").first.click()  # Parameters: show diff only
+    setting = page.get_by_role("row").filter(has=page.get_by_role("rowheader", name=key, exact=True))
+    expect(setting).to_be_visible()
+    assert _text(setting) == f"{key} {first} {second}"
+    setting.scroll_into_view_if_needed()
+    screenshot(page, "mlflow-compare-setting", tmp_path)
+
     # the first run's sample grid, among its artifacts, shown as the image it logged
-    open_mlflow(page, f"{registry.url}/#/experiments/{registry.experiment}/runs/{a['evaluate']}/artifacts")
+    run = a.info.run_id
+    open_mlflow(page, f"{registry.url}/#/experiments/{registry.experiment}/runs/{run}/artifacts")
     page.get_by_text("images", exact=True).click()
     page.get_by_text("samples_per_class.png", exact=True).click()
     image = page.locator("img[src^='blob:']").first
     expect(image).to_be_visible()
     shown = image.evaluate("e => [e.naturalWidth, e.naturalHeight]")
-    assert tuple(shown) == Image.open(a["grid"]).size
+    logged = registry.client.download_artifacts(run, "images/samples_per_class.png", str(tmp_path))
+    assert tuple(shown) == Image.open(logged).size
     screenshot(page, "mlflow-artifact", tmp_path)
 
 
@@ -239,18 +318,7 @@ def prefect_ui(tmp_path_factory):
     mlflow_server, mlflow_proc = start_mlflow(root / "mlflow", timeout=300)
     url, proc = servers.start_prefect(root, timeout=300)  # shared, busy cores
     (root / "client").mkdir()
-    env = {
-        **os.environ,
-        **servers.prefect_env(root / "client", api_url=f"{url}/api"),
-        "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MLFLOW_EXPERIMENT_NAME": "ui-retrain",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "DVC_NO_ANALYTICS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    for key in (mlflow_run.PARENT_ENV, mlflow_run.SWITCH_ENV, mlflow_run.REGISTRY_ENV):
-        env.pop(key, None)
+    env = tiny_env(root / "client", mlflow_server.url, "ui-retrain", prefect_api=f"{url}/api")
     log = open(root / "serve.log", "wb")  # noqa: SIM115  (closed below; the child keeps a copy)
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.deploy", "--cron", CRON, "--timezone", TIMEZONE],
