@@ -58,6 +58,23 @@ def register_challenger(
     run form one set.
     Returns the version number as a string.
     """
+    return register_bundle({name: model_uri}, metrics, run_id, eval_hash=eval_hash, bundle=bundle)[name]
+
+
+def register_bundle(
+    model_uris: dict[str, str],
+    metrics: dict[str, float],
+    run_id: str | None,
+    *,
+    eval_hash: str,
+    bundle: str | None = None,
+) -> dict[str, str]:
+    """Register each (name, uri) of one pipeline run as a new version, then alias them all challenger.
+
+    All versions are created before any alias moves, and the aliases move together (put back on a
+    failure), so a registration that dies half-way leaves the previous challengers in place and at most
+    some unaliased versions: never a challenger set mixing two pipeline runs. Returns name -> version.
+    """
     import mlflow
 
     configure()
@@ -69,21 +86,14 @@ def register_challenger(
         tags[BUNDLE_TAG] = bundle
     if run_id:
         tags[RUN_TAG] = run_id
-    mv = mlflow.register_model(model_uri, name, tags=tags)
-    client().set_registered_model_alias(name, CHALLENGER, mv.version)
-    log.info("registered %s version %s as %s", name, mv.version, CHALLENGER)
-    return str(mv.version)
-
-
-def register_bundle(
-    model_uris: dict[str, str], metrics: dict[str, float], run_id: str | None, *, eval_hash: str
-) -> dict[str, str]:
-    """register_challenger for each (name, uri) of one pipeline run, as one bundle; returns name -> version."""
-    bundle = _bundle_of(run_id)
-    return {
-        name: register_challenger(uri, name, metrics, run_id, eval_hash=eval_hash, bundle=bundle)
-        for name, uri in model_uris.items()
+    versions = {
+        name: str(mlflow.register_model(uri, name, tags=tags).version) for name, uri in model_uris.items()
     }
+    c = client()
+    before = {name: _version(_by_alias(c, name, CHALLENGER)) for name in versions}
+    _move_alias(c, CHALLENGER, versions, before)
+    log.info("registered %s as %s", versions, CHALLENGER)
+    return versions
 
 
 def finite_number(value) -> float | None:
@@ -170,23 +180,26 @@ def _table(names, challengers, champions, metric, guard_metric) -> dict[str, lis
     return cols
 
 
-def _move_champions(c, names, challengers, champions) -> None:
-    """Point champion at the challenger of every name; on a failure, put back the ones already moved."""
+def _move_alias(c, alias: str, to: dict[str, str], before: dict[str, str | None]) -> None:
+    """Point `alias` of each name at version to[name]; on a failure, put back the ones already moved.
+
+    `before` holds each name's version under `alias` beforehand (None: it had none).
+    """
     moved = []
     try:
-        for name in names:
-            c.set_registered_model_alias(name, CHAMPION, challengers[name].version)
+        for name, version in to.items():
+            c.set_registered_model_alias(name, alias, version)
             moved.append(name)
     except Exception as err:
         for name in moved:
             try:
-                if champions[name] is None:
-                    c.delete_registered_model_alias(name, CHAMPION)
+                if before[name] is None:
+                    c.delete_registered_model_alias(name, alias)
                 else:
-                    c.set_registered_model_alias(name, CHAMPION, champions[name].version)
+                    c.set_registered_model_alias(name, alias, before[name])
             except Exception:  # the server is gone; report the split set below
-                log.error("could not restore %s@%s", name, CHAMPION)
-        raise TransientError(f"promotion interrupted after {moved or 'no models'}: {err}") from err
+                log.error("could not restore %s@%s", name, alias)
+        raise TransientError(f"moving {alias} interrupted after {moved or 'no models'}: {err}") from err
 
 
 def compare_and_promote(
@@ -219,7 +232,8 @@ def compare_and_promote(
     champions = {n: _by_alias(c, n, CHAMPION) for n in names}
     outcome, reason = _decide(names, challengers, champions, metric, lower_is_better, guard_metric, guard_min)
     if outcome == "promoted":
-        _move_champions(c, names, challengers, champions)
+        to = {n: str(challengers[n].version) for n in names}
+        _move_alias(c, CHAMPION, to, {n: _version(champions[n]) for n in names})
     after = champions if outcome != "promoted" else challengers
     report = {
         "outcome": outcome,

@@ -21,6 +21,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
+import httpx
 from prefect import flow, task
 
 from flows.common import failed_on_bad_input, retry_transient
@@ -36,6 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # dvc push errors that no retry fixes; anything else (timeouts, refused connections, 5xx) is retried.
 _NOT_TRANSIENT = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "403")
+# The versions this process registered, so that main() can say so when the Prefect API is lost afterwards.
+_published: dict[str, str] = {}
+_lost_api: list[str] = []  # set by main(): the Prefect API went away during the run
 
 
 def _dvc() -> str:
@@ -149,6 +153,7 @@ def _retrain(set_params: list[str], push_outputs: bool) -> dict:
         repro(set_params)
         # DVC just brought every output up to date, so publish skips its own `dvc status` check.
         report = publish_pipeline(load_params("params.yaml"), check_status=False)
+        _published.update(report["versions"])
         if push_outputs:
             push()
     report["pipeline_run_id"] = run_id
@@ -168,6 +173,24 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push", action="store_true", help="dvc push the outputs to the default remote")
 
 
+def lost_prefect_api(err: Exception) -> str:
+    """The one-line cause for a retrain whose Prefect API stopped answering, and what it published.
+
+    Tasks report to Prefect in the background, so the work goes on without it; the flow's own state
+    changes need the API and fail after the client's retries (PREFECT_CLIENT_MAX_RETRIES, default 5,
+    about a minute). The registry is consistent either way (flows.registry moves aliases as one set).
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    cause = (str(err).strip().splitlines() or [""])[0]
+    done = (
+        f"the models were published first ({', '.join(f'{n} v{v}' for n, v in _published.items())})"
+        if _published
+        else "nothing was published"
+    )
+    return f"lost the Prefect API {PREFECT_API_URL.value()} ({type(err).__name__}: {cause}); {done}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=retrain.__doc__)
     add_run_options(parser)
@@ -178,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     except VimError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
+    try:
+        state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
+    except httpx.HTTPError as err:  # the engine could not record the run's state: the server went away
+        _lost_api.append(str(err))
+        print(f"error: {lost_prefect_api(err)}", file=sys.stderr)
+        return 1
     if state.is_failed():
         print(f"error: {state.message or 'retrain failed'}", file=sys.stderr)
         return 1
@@ -193,4 +221,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if _lost_api:
+        # Without a server, Prefect's exit hooks retry every queued log record and event in turn, each
+        # for the client's whole retry budget: minutes. They can only go to a server that is gone.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
