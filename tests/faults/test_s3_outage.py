@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 SHARDS, PER_SHARD = 24, 25  # 600 digits in 24 webdataset shards of ~60 kB: 48 GETs (two passes)
 BACK_WITHIN_S = (0.5, 6.0)  # outage lengths, inside prepare_data's retries ([2, 5, 10] s) and push's
 # A gone endpoint fails within this: 4 attempts each (17 s of waits in prepare_data, 7 s in push), 3 runs at
-# a time. Measured on 2 shared cores under load ~6: prepare_data ~110 s, push (8 dvc starts) ~145 s.
+# a time. Measured on 2 shared cores: 40-46 s (load ~2), up to ~110 s / ~145 s for push (load ~6).
 GONE_BOUND_S = 240
 PUSH_DELAYS = "1,2,4"  # VIM_PUSH_RETRY_DELAYS for these tests: 3 retries over 7 s (default 5,15,45)
 BLOBS, BLOB_BYTES = 24, 48_000
