@@ -3,6 +3,7 @@
     python -m flows.retrain                                   # dvc repro, then publish
     python -m flows.retrain --set transformer.train.steps=1000  # a variant: dvc exp run -S ...
     python -m flows.retrain --push                            # and dvc push to the default remote
+                                                              # (retried: VIM_PUSH_RETRY_DELAYS=5,15,45)
 
 The pipeline runs as a `dvc repro` (or `dvc exp run`) subprocess, so a scheduled run is versioned like a
 manual one: DVC skips the stages whose inputs did not change and records dvc.lock. Each stage process
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections import deque
@@ -36,7 +38,14 @@ log = logging.getLogger("vim.retrain")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # dvc push errors that no retry fixes; anything else (timeouts, refused connections, 5xx) is retried.
-_NOT_TRANSIENT = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "403")
+# A whole word: a bare "403" also matched endpoint ports (:40373) and object hashes in the message.
+_NOT_TRANSIENT = re.compile(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|\b403\b")
+PUSH_RETRY_DELAYS_ENV = "VIM_PUSH_RETRY_DELAYS"
+DEFAULT_PUSH_RETRY_DELAYS = (5.0, 15.0, 45.0)
+# botocore's own retries inside one dvc push, as vim_core.data.storage sets them for prepare_data: 3 tries
+# ("standard" mode) rather than the legacy 5 with long backoff, since the push task retries on top. The
+# user's AWS_MAX_ATTEMPTS / AWS_RETRY_MODE win (see push).
+_S3_CALL_DEFAULTS = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
 # The versions this process registered, so that main() can say so when the Prefect API is lost afterwards.
 _published: dict[str, str] = {}
 _lost_api: list[str] = []  # set by main(): the Prefect API went away during the run
@@ -70,8 +79,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], what: str) -> str:
-    """Run a command in the repo, its output line by line into the flow's log; VimError on failure."""
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+    """Run a command in the repo, its output line by line into the flow's log; VimError on failure.
+
+    `env` adds to (or overrides) the child environment.
+    """
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
@@ -82,7 +94,12 @@ def _run(cmd: list[str], what: str) -> str:
     logger.info("$ %s", " ".join(cmd))
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
-        cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env={**_child_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as proc:
         for line in proc.stdout:
             line = line.rstrip()
@@ -114,20 +131,65 @@ def repro(set_params: list[str]) -> None:
         _run([_dvc(), "repro"], "dvc repro")
 
 
-@task(retries=3, retry_delay_seconds=[5, 15, 45], retry_condition_fn=retry_transient)
+def push_retry_delays() -> list[float]:
+    """Seconds to wait before each retry of a failed push: VIM_PUSH_RETRY_DELAYS, default "5,15,45".
+
+    One retry per number: "5,15,45" makes four attempts over about a minute, riding out an S3 endpoint
+    that restarts; "1,2" gives up sooner, e.g. in tests or an interactive run.
+    """
+    raw = os.environ.get(PUSH_RETRY_DELAYS_ENV, "").strip()
+    if not raw:
+        return list(DEFAULT_PUSH_RETRY_DELAYS)
+    try:
+        delays = [float(part) for part in raw.split(",")]
+    except ValueError:
+        delays = [-1.0]
+    if any(not 0 <= d <= 3600 for d in delays):
+        raise VimError(f"{PUSH_RETRY_DELAYS_ENV}={raw!r}: want seconds between retries, e.g. 5,15,45")
+    return delays
+
+
+def _dvc_config() -> dict[str, str]:
+    """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
+    out = subprocess.run(
+        [_dvc(), "config", "--list"], cwd=REPO, env=_child_env(), capture_output=True, text=True
+    )
+    pairs = (line.partition("=") for line in out.stdout.splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+@task(retry_condition_fn=retry_transient)
 def push() -> None:
     """`dvc push` to the default remote; network failures retry, refused credentials do not."""
-    remote = subprocess.run(
-        [_dvc(), "remote", "default"], cwd=REPO, env=_child_env(), capture_output=True, text=True
-    )
-    if remote.returncode != 0 or not remote.stdout.strip():
+    config = _dvc_config()
+    name = config.get("core.remote")
+    if not name:
         raise VimError("--push needs a default DVC remote: dvc remote add -d NAME s3://bucket/path")
+    endpoint = (
+        config.get(f"remote.{name}.endpointurl")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "its default endpoint"
+    )
+    where = f"dvc push to {config.get(f'remote.{name}.url', name)} at {endpoint}"
     try:
-        _run([_dvc(), "push"], "dvc push")
+        _run([_dvc(), "push"], where, env=_s3_call_retries())
     except VimError as err:
-        if any(marker in str(err) for marker in _NOT_TRANSIENT):
+        if _NOT_TRANSIENT.search(str(err)):
             raise
         raise TransientError(str(err)) from None
+
+
+def _s3_call_retries() -> dict[str, str]:
+    if {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
+        return {}
+    return dict(_S3_CALL_DEFAULTS)
+
+
+def push_with_retries() -> None:
+    """The push task, retried with backoff as push_retry_delays() says."""
+    delays = push_retry_delays()
+    push.with_options(retries=len(delays), retry_delay_seconds=delays)()
 
 
 def _trigger() -> dict[str, str]:
@@ -148,6 +210,8 @@ def retrain(set_params: list[str] | None = None, push_outputs: bool = False):
 def _retrain(set_params: list[str], push_outputs: bool) -> dict:
     if not enabled():
         raise VimError("retrain registers models in MLflow; it needs tracking on (unset VIM_TRACKING)")
+    if push_outputs:
+        push_retry_delays()  # a bad VIM_PUSH_RETRY_DELAYS fails now, not after the pipeline ran
     tracking_ready()
     with contextlib.chdir(REPO), pipeline_run("retrain", tags=_trigger()) as run_id:
         repro(set_params)
@@ -155,7 +219,7 @@ def _retrain(set_params: list[str], push_outputs: bool) -> dict:
         report = publish_pipeline(load_params("params.yaml"), check_status=False)
         _published.update(report["versions"])
         if push_outputs:
-            push()
+            push_with_retries()
     report["pipeline_run_id"] = run_id
     return report
 

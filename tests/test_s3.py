@@ -65,3 +65,49 @@ def test_wrong_credentials(tmp_path, mnist, s3_env, monkeypatch):
     with pytest.raises(VimError, match="S3 refused the credentials"):
         prepare(_cfg(tmp_path, source={"kind": "image_folder", "url": f"s3://{bucket}/digits"}))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_endpoint_is_transient_and_named(tmp_path, s3_env, monkeypatch):
+    import time
+
+    import s3fs
+
+    from tests.servers import free_port
+    from vim_core.errors import TransientError
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    started = time.monotonic()
+    with pytest.raises(TransientError, match=f"storage endpoint {endpoint} unreachable"):
+        prepare(_cfg(tmp_path, source={"kind": "tar_shards", "url": "s3://any-bucket/shards"}))
+    assert time.monotonic() - started < 30  # 3 tries with short backoff, not botocore's legacy 5
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_connection_cut_mid_read_is_transient_and_names_the_object():
+    from vim_core.data.storage import io_error, s3_config
+    from vim_core.errors import TransientError
+
+    for err in (ConnectionResetError(104, "Connection reset by peer"), TimeoutError("read timed out")):
+        out = io_error("s3://b/shards", err, None, "s3://b/shards/s003.tar")
+        assert isinstance(out, TransientError) and "reading s3://b/shards/s003.tar" in str(out)
+    assert not isinstance(io_error("s3://b/x", FileNotFoundError("x")), TransientError)
+    assert s3_config()["retries"] == {"mode": "standard", "max_attempts": 3}
+
+
+def test_push_retry_delays_and_what_is_not_retried(monkeypatch):
+    from flows.retrain import _NOT_TRANSIENT, PUSH_RETRY_DELAYS_ENV, push_retry_delays
+
+    monkeypatch.delenv(PUSH_RETRY_DELAYS_ENV, raising=False)
+    assert push_retry_delays() == [5, 15, 45]
+    monkeypatch.setenv(PUSH_RETRY_DELAYS_ENV, "1, 2.5")
+    assert push_retry_delays() == [1, 2.5]
+    for bad in ("soon", "-1", "1,,2"):
+        monkeypatch.setenv(PUSH_RETRY_DELAYS_ENV, bad)
+        with pytest.raises(VimError, match=PUSH_RETRY_DELAYS_ENV):
+            push_retry_delays()
+    assert _NOT_TRANSIENT.search("An error occurred (403) when calling PutObject")
+    assert not _NOT_TRANSIENT.search(
+        'Could not connect to the endpoint URL: "http://127.0.0.1:40373/b/md5/40/3f"'
+    )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vim_core.config.data import DataConfig
 from vim_core.data.shards import ShardWriter
-from vim_core.data.sources import decode_image, io_error, open_source
+from vim_core.data.sources import decode_image, open_source
+from vim_core.data.storage import io_error
 from vim_core.errors import VimError
 from vim_core.io import atomic_dir
 

@@ -9,6 +9,7 @@ import random
 import tarfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import PurePosixPath
@@ -16,8 +17,8 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from vim_core.config.data import DataConfig
-from vim_core.errors import TransientError, VimError
-from vim_core.io import url_fs
+from vim_core.data.storage import io_error, open_fs
+from vim_core.errors import VimError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -43,38 +44,16 @@ def open_source(cfg: DataConfig) -> SourceInfo:
     kind = cfg.source.kind
     if kind == "embedded_mnist":
         return _embedded_mnist(cfg)
+    url, fs = cfg.source.url, None
     try:
+        fs, root = open_fs(url)
         if kind == "image_folder":
-            return _image_folder(cfg.source.url, cfg.split_seed)
-        return _tar_shards(cfg.source.url)
+            return _image_folder(fs, root, url, cfg.split_seed)
+        return _tar_shards(fs, root, url)
     except VimError:
         raise
     except Exception as err:  # fsspec/s3fs surface many exception types for the same few causes
-        raise io_error(cfg.source.url, err) from None
-
-
-def io_error(url: str, err: Exception) -> VimError:
-    message = describe_io_error(url, err)
-    return TransientError(message) if "unreachable" in message else VimError(message)
-
-
-def describe_io_error(url: str, err: Exception) -> str:
-    """Turn an fsspec/botocore failure into one line that names the likely cause."""
-    text = f"{type(err).__name__}: {err}"
-    low = text.lower()
-    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket" in low:
-        return f"source {url}: the S3 bucket does not exist"
-    if any(
-        s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")
-    ):
-        return f"source {url}: S3 refused the credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-    if isinstance(err, PermissionError):
-        return f"source {url}: permission denied ({err})"
-    if isinstance(err, FileNotFoundError):
-        return f"source {url}: not found"
-    if "could not connect" in low or "connect timeout" in low or "endpoint" in low:
-        return f"source {url}: storage endpoint unreachable ({type(err).__name__})"
-    return f"source {url}: {text.splitlines()[0]}"
+        raise io_error(url, err, fs) from None
 
 
 def _embedded_mnist(cfg: DataConfig) -> SourceInfo:
@@ -99,8 +78,7 @@ def _require(fs, root: str, url: str) -> None:
     raise VimError(f"source {url}: not found")
 
 
-def _image_folder(url: str, seed: int) -> SourceInfo:
-    fs, root = url_fs(url)
+def _image_folder(fs, root: str, url: str, seed: int) -> SourceInfo:
     _require(fs, root, url)
     if not fs.isdir(root):
         raise VimError(f"source {url}: not a folder (image_folder wants one subfolder per class)")
@@ -126,34 +104,51 @@ def _image_folder(url: str, seed: int) -> SourceInfo:
                 with fs.open(path, "rb") as f:
                     raw = f.read()
             except Exception as err:
-                raise io_error(url, err) from None
+                raise io_error(url, err, fs, _url_of(fs, path)) from None
             yield Sample(key=path[len(root) :].lstrip("/"), label=label, raw=raw)
 
     return SourceInfo(class_names=classes, samples=gen())
 
 
-def _tar_paths(url: str) -> tuple[object, list[str], str]:
-    """(fs, tar paths, the root they sit under)."""
-    fs, root = url_fs(url)
+def _url_of(fs, path: str) -> str:
+    """The URL of a path inside fs, as the user would write it (s3://bucket/key)."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def _tar_paths(fs, root: str, url: str) -> tuple[list[str], str]:
+    """(tar paths, the root they sit under)."""
     _require(fs, root, url)
     if fs.isfile(root):
-        return fs, [root], str(PurePosixPath(root).parent)
+        return [root], str(PurePosixPath(root).parent)
     tars = sorted(p for p in fs.find(root) if p.endswith(".tar"))
     if not tars:
         raise VimError(f"source {url}: empty (no .tar shards)")
-    return fs, tars, root
+    return tars, root
 
 
-def _tar_shards(url: str) -> SourceInfo:
+@contextmanager
+def _open_tar(fs, tar_path: str, url: str) -> Iterator[tarfile.TarFile]:
+    """A tar shard as a stream; a storage failure while reading it names the shard."""
+    try:
+        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            yield tar
+    except VimError:
+        raise
+    except Exception as err:
+        raise io_error(url, err, fs, _url_of(fs, tar_path)) from None
+
+
+def _tar_shards(fs, root: str, url: str) -> SourceInfo:
     """Tar members are `CLASS/NAME.png` (class from the folder) or webdataset pairs `KEY.png` + `KEY.cls`."""
-    fs, tars, root = _tar_paths(url)
-    class_names = _tar_class_names(fs, tars)
+    tars, root = _tar_paths(fs, root, url)
+    class_names = _tar_class_names(fs, tars, url)
 
     def gen() -> Iterator[Sample]:
         for tar_path in tars:
             # Keys are relative to the source root, so the hash split does not move with the bucket.
             shard = tar_path[len(root) :].lstrip("/")
-            with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            with _open_tar(fs, tar_path, url) as tar:
                 pending: dict[str, dict] = {}
                 for member in tar:
                     if not _regular_member(member, tar_path):
@@ -213,12 +208,12 @@ def _cls_label(data: bytes, member: str, tar_path: str) -> int:
     return label
 
 
-def _tar_class_names(fs, tars: list[str]) -> list[str]:
+def _tar_class_names(fs, tars: list[str], url: str) -> list[str]:
     """Scan member names (headers only) to fix the class list before any pixels are read."""
     folders: set[str] = set()
     max_cls = -1
     for tar_path in tars:
-        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with _open_tar(fs, tar_path, url) as tar:
             for member in tar:
                 if not _regular_member(member, tar_path):
                     continue
