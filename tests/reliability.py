@@ -7,10 +7,14 @@
 
 A case's name is its parametrize id, else the test's name without `test_`. Rows of this session replace
 the file's rows of the same name and the others stay, so running one test file (or one -k case) does not
-wipe the rest; delete the file first for a report of one run alone. Written atomically, sorted by name.
+wipe the rest; delete the file first for a report of one run alone. Written atomically, sorted by name,
+under a lock, so sessions running side by side (CI's two slow-test processes) each keep their rows.
 """
 
+import fcntl
 import json
+import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -65,6 +69,14 @@ def record_fault():
 def pytest_sessionfinish(session, exitstatus) -> None:
     if not any(_results.values()):
         return
+    # CI runs the fault suite beside the other slow tests: two sessions may merge into the file at once.
+    lock = Path(tempfile.gettempdir()) / f"vim-reliability-{zlib.crc32(str(REPORT).encode()):08x}.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _merge_into_report()
+
+
+def _merge_into_report() -> None:
     try:
         old = json.loads(REPORT.read_text())
     except (OSError, ValueError):
