@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests import servers
@@ -116,6 +117,7 @@ def _kill_once(root: Path, prefect_home: Path) -> tuple[bool, list[str]]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # a fault injection (~1 min): it runs with the fault suite in CI's slow step
 def test_sigkilled_stage_leaves_no_ephemeral_server(tmp_path, record_fault):
     """INJECTIONS stage processes, one after another, each SIGKILLed once its ephemeral server is up."""
     results = [_kill_once(tmp_path / f"run{i}", tmp_path / "prefect") for i in range(INJECTIONS)]

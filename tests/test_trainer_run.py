@@ -48,6 +48,7 @@ def _cli(trainer: str, work: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # tests/faults/test_stage_kills.py kills each stage 5 times; this is its CLI-level twin
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
 def test_resume_after_sigkill_matches_uninterrupted_run(trainer, stage2, tmp_path):
     works = {}
