@@ -140,3 +140,21 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     assert (
         len(state["rng"]) == 2 and json.loads((ck / "step-00000024" / "meta.json").read_text())["step"] == 24
     )
+
+
+def test_a_checkpoint_write_failing_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 cannot write (the checkpoint dir's parent is a file): every rank stops with the cause. Before,
+    rank 1 met a dead peer at the barrier (gloo: a lost-connection error; NCCL: a wait for the timeout)."""
+    (tmp_path / "a_file").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+         str(TOY), "--ckpt-dir", "a_file/ck", "--out", "ddp", "--steps", "8", "--every", "4"],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert ddp.returncode != 0
+    assert "checkpoint write failed" in ddp.stderr
+    assert "another rank could not save the checkpoint" in ddp.stderr, ddp.stderr[-3000:]
+    assert not list(tmp_path.glob("ddp.rank*.safetensors"))

@@ -204,7 +204,7 @@ def save_checkpoint(
     """Write ckpt_dir/step-XXXXXXXX atomically and prune all but the newest `keep_last`; returns its path.
 
     Under DDP call it on every rank: it gathers each rank's RNG state, then only rank 0 (or `write=True`)
-    writes. Non-writing ranks return None.
+    writes. Non-writing ranks return None. A failed write raises VimError on every rank.
     """
     if step < 0:
         raise VimError(f"checkpoint step must be >= 0, got {step}")
@@ -215,7 +215,7 @@ def save_checkpoint(
     rngs = vdist.all_gather_objects(rng_state())
     if write is None:
         write = vdist.is_main()
-    final = None
+    final, failed = None, None
     if write:
         state = {
             "format": FORMAT_VERSION,
@@ -226,10 +226,19 @@ def save_checkpoint(
             "extra": extra or {},
         }
         _check_plain(state, "state")
-        final = _write_atomic(Path(ckpt_dir), step, modules, state)
-        if keep_last:
-            prune_checkpoints(ckpt_dir, keep_last)
-    vdist.barrier()
+        try:
+            final = _write_atomic(Path(ckpt_dir), step, modules, state)
+            if keep_last:
+                prune_checkpoints(ckpt_dir, keep_last)
+        except VimError as err:
+            failed = err
+    # In place of a barrier: every rank learns whether the write failed, so a full disk on rank 0 stops
+    # all ranks at once instead of leaving the others waiting here for the process group's timeout.
+    causes = [c for c in vdist.all_gather_objects(None if failed is None else str(failed)) if c]
+    if failed is not None:
+        raise failed
+    if causes:
+        raise VimError(f"another rank could not save the checkpoint: {causes[0]}")
     return final
 
 
