@@ -31,6 +31,7 @@ from flows.ephemeral import start_ephemeral_api
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
 from flows.publish import publish_pipeline
 from vim_core.config import load_params
+from vim_core.data.storage import s3_retry_env
 from vim_core.errors import TransientError, VimError
 
 log = logging.getLogger("vim.retrain")
@@ -42,10 +43,6 @@ BIN = Path(sys.executable).parent
 _NOT_TRANSIENT = re.compile(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|\b403\b")
 PUSH_RETRY_DELAYS_ENV = "VIM_PUSH_RETRY_DELAYS"
 DEFAULT_PUSH_RETRY_DELAYS = (5.0, 15.0, 45.0)
-# botocore's own retries inside one dvc push, as vim_core.data.storage sets them for prepare_data: 3 tries
-# ("standard" mode) rather than the legacy 5 with long backoff, since the push task retries on top. The
-# user's AWS_MAX_ATTEMPTS / AWS_RETRY_MODE win (see push).
-_S3_CALL_DEFAULTS = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
 # The versions this process registered, so that main() can say so when the Prefect API is lost afterwards.
 _published: dict[str, str] = {}
 _lost_api: list[str] = []  # set by main(): the Prefect API went away during the run
@@ -173,17 +170,12 @@ def push() -> None:
     )
     where = f"dvc push to {config.get(f'remote.{name}.url', name)} at {endpoint}"
     try:
-        _run([_dvc(), "push"], where, env=_s3_call_retries())
+        # botocore's own retries inside one push bounded as for prepare_data; this task retries on top.
+        _run([_dvc(), "push"], where, env=s3_retry_env())
     except VimError as err:
         if _NOT_TRANSIENT.search(str(err)):
             raise
         raise TransientError(str(err)) from None
-
-
-def _s3_call_retries() -> dict[str, str]:
-    if {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
-        return {}
-    return dict(_S3_CALL_DEFAULTS)
 
 
 def push_with_retries() -> None:

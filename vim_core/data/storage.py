@@ -33,12 +33,24 @@ _UNREACHABLE = {
 }
 
 
+def _user_sets_s3_retries() -> bool:
+    return bool({"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ))
+
+
 def s3_config() -> dict:
     """botocore Config arguments for one S3 call (see the module docstring)."""
     config: dict = {"connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
-    if not {"AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"} & set(os.environ):
+    if not _user_sets_s3_retries():
         config["retries"] = {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}
     return config
+
+
+def s3_retry_env() -> dict[str, str]:
+    """The same retry bound as environment variables, for a child process that calls S3 (`dvc push`);
+    nothing when the user set their own."""
+    if _user_sets_s3_retries():
+        return {}
+    return {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(S3_MAX_ATTEMPTS)}
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
