@@ -255,11 +255,12 @@ def test_s3_outage_during_dvc_push(s3, proxies, env, tmp_path, record_fault):
     base = _push_repo(tmp_path / "base", env, rng)
     before = _snapshot(base, "blobs", ".dvc/cache")
     assert len(before) > BLOBS
-    # (n-th PUT of the 25 objects, bytes into it, outage length or None: gone for good)
+    # (n-th PUT, bytes into it, outage length or None: gone for good). Among the 24 blobs only: DVC puts the
+    # ~2 kB .dir object last, and a cut drawn up to 48 kB into it never came (one run in a few missed it).
     points = [
-        (rng.randint(1, BLOBS + 1), rng.randint(0, BLOB_BYTES), rng.uniform(*BACK_WITHIN_S)) for _ in range(3)
+        (rng.randint(1, BLOBS), rng.randint(0, BLOB_BYTES), rng.uniform(*BACK_WITHIN_S)) for _ in range(3)
     ]
-    points += [(rng.randint(1, BLOBS + 1), rng.randint(0, BLOB_BYTES), None) for _ in range(3)]
+    points += [(rng.randint(1, BLOBS), rng.randint(0, BLOB_BYTES), None) for _ in range(3)]
 
     def push(i: int) -> tuple[bool, bool]:
         (nth, nbytes, down), px = points[i], proxies()
