@@ -84,12 +84,19 @@ def model_files(params: Params) -> dict[str, str]:
     return files
 
 
-def sampling_defaults(params: Params) -> dict:
-    """The sampling options the evaluate stage used; the generator's defaults (0 / 1.0 switch top-k/p off)."""
+def sampling_defaults(params: Params, used: dict | None = None) -> dict:
+    """The sampling options the evaluate stage used; the generator's defaults (0 / 1.0 switch top-k/p off).
+
+    `used`: eval.json's definitions.generation, whose guidance scale and temperature are those that
+    evaluate.sampling_search picked, when it is on; params alone give them otherwise.
+    """
     s = params.transformer.sampling
     cfg = params.evaluate.cfg_scale if params.evaluate.cfg_scale is not None else s.cfg_scale
+    temperature = s.temperature
+    if used:
+        cfg, temperature = used.get("cfg_scale", cfg), used.get("temperature", temperature)
     return {
-        "temperature": float(s.temperature),
+        "temperature": float(temperature),
         "top_k": int(s.top_k or 0),
         "top_p": float(s.top_p if s.top_p is not None else 1.0),
         "cfg_scale": float(cfg),
@@ -185,7 +192,7 @@ def log_models(params: Params, run_id: str) -> dict[str, str]:
 
     check_reachable()
     files = model_files(params)
-    defaults = sampling_defaults(params)
+    defaults = sampling_defaults(params, evaluated_sampling(params))
     sigs = signatures(files, defaults)
     artifacts = {
         "tokenizer": {"tokenizer": files["tokenizer"]},
@@ -245,6 +252,24 @@ def compare_with_champion(decision: dict, names=MODEL_NAMES) -> None:
 
 
 # ---- checks before anything is registered
+
+
+def evaluated_sampling(params: Params) -> dict:
+    """definitions.generation of eval.json, where a sampling search picked the guidance scale.
+
+    Without a search, params alone say how evaluate sampled, and this is empty. With one, the eval.json
+    must be the one these params scored (same eval-config hash), or the generator would serve the pick
+    of another model.
+    """
+    if params.evaluate.sampling_search is None:
+        return {}
+    from vim_core.eval.report import eval_config_hash
+
+    path = Path(declared("evaluate").metrics_file)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if data.get("eval_config_hash") != eval_config_hash(params):
+        raise VimError(f"{path} is missing or was scored with other eval settings; run dvc repro first")
+    return data.get("definitions", {}).get("generation", {})
 
 
 def eval_metrics(params: Params) -> tuple[dict[str, float], str]:

@@ -98,5 +98,55 @@ def test_eval_config_hash_changes_with_what_a_metric_means_only(tmp_path):
     moved = params.model_copy(deep=True)
     moved.evaluate.classifier_dir, moved.evaluate.weights_dir = "elsewhere", "s3://other/weights"
     assert eval_config_hash(moved) == eval_config_hash(params)  # where files live changes no metric
-    for change in ("evaluate.num_samples=41", "transformer.sampling.temperature=0.9", "evaluate.seed=3"):
+    changes = (
+        "evaluate.num_samples=41",
+        "transformer.sampling.temperature=0.9",
+        "evaluate.seed=3",
+        "evaluate.sampling_search={cfg_scales: [1.5, 2.0]}",
+    )
+    for change in changes:
         assert eval_config_hash(apply_overrides(params, [change])) != eval_config_hash(params), change
+    # Without a search, the hash is the one recorded before the search existed (registry tags match).
+    assert "sampling_search" not in spec["evaluate"]
+
+
+def test_sampling_search_prefers_the_model_over_near_uniform_tokens(eval_params, tmp_path):
+    """The search scores candidates against train images: temperature 50 (token soup) must lose to 1."""
+    from pathlib import Path
+
+    from vim_core.config.pipeline import SamplingSearchConfig
+    from vim_core.data.shards import load_split
+    from vim_core.eval.classifier import save_classifier, train_classifier
+    from vim_core.eval.sampling_search import search_sampling
+    from vim_core.tokenizer.export import load_tokenizer
+    from vim_core.transformer.export import load_transformer
+
+    train_x, train_y = load_split(eval_params.data.out_dir, "train")
+    test_x, test_y = load_split(eval_params.data.out_dir, "test")
+    tokenizer = load_tokenizer(str(Path(eval_params.tokenizer.out_dir) / "tokenizer.safetensors"))
+    vim, _ = load_transformer(str(Path(eval_params.transformer.out_dir) / "transformer.safetensors"))
+    clf = tmp_path / "classifier.safetensors"
+    save_classifier(train_classifier(train_x, train_y, test_x, test_y, epochs=1, num_classes=10)[0], str(clf))
+    cfg = SamplingSearchConfig(cfg_scales=[1.0], temperatures=[50.0, 1.0], samples=30, reference_images=40)
+    out = search_sampling(cfg, vim, tokenizer, str(clf), train_x[:40], 10, seed=3, kid_subset_size=20)
+    fids = {row["temperature"]: row["fid_domain"] for row in out["grid"]}
+    assert set(fids) == {1.0, 50.0} and fids[1.0] < fids[50.0]
+    assert (out["cfg_scale"], out["temperature"]) == (1.0, 1.0)
+
+
+def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path):
+    raw = eval_params.model_dump(mode="json")
+    raw["evaluate"]["sampling_search"] = {
+        "cfg_scales": [1.0, 3.0],
+        "temperatures": [1.0],
+        "samples": 20,
+        "reference_images": 30,
+    }
+    out = evaluate(parse_params(raw), plots_dir=tmp_path)
+    search = out["definitions"]["sampling_search"]
+    best = min(search["grid"], key=lambda r: r["fid_domain"])
+    assert len(search["grid"]) == 2 and "30 train images" in search["reference"]
+    assert all(0 <= row["class_accuracy"] <= 1 for row in search["grid"])
+    assert out["definitions"]["generation"]["cfg_scale"] == best["cfg_scale"] == search["cfg_scale"]
+    assert out["timings_seconds"]["sampling_search"] > 0
+    assert eval_config_hash(parse_params(raw)) != eval_config_hash(eval_params)

@@ -251,3 +251,17 @@ def test_deployment_schedule_comes_from_argument_environment_or_default(monkeypa
     assert "\n" not in str(err.value)
     assert deploy.main(["--cron", "not a cron"]) == 1  # one line on stderr, nothing served
     assert Path.cwd() == tmp_path
+
+
+def test_a_searched_guidance_scale_is_served_only_from_the_eval_json_of_these_params(micro, tmp_path):
+    from vim_core.config.pipeline import SamplingSearchConfig
+    from vim_core.data.prepare import prepare
+
+    assert publish.evaluated_sampling(micro) == {}  # no search: params say how evaluate sampled
+    searched = micro.model_copy(deep=True)
+    searched.evaluate.sampling_search = SamplingSearchConfig()
+    searched.data.out_dir, searched.data.max_images = str(tmp_path / "prepared"), 200
+    prepare(searched.data)
+    # this checkout's eval.json was scored with other settings: its pick is not these params'
+    with pytest.raises(VimError, match="run dvc repro first"):
+        publish.evaluated_sampling(searched)

@@ -70,7 +70,13 @@ def tiny_params(raw: dict) -> dict:
         },
     )
     vim["probe"] = {"epochs": 20}
-    raw["evaluate"].update(num_samples=20, kid_subset_size=10, max_probe_train=300, classifier={"epochs": 1})
+    raw["evaluate"].update(
+        num_samples=20,
+        kid_subset_size=10,
+        max_probe_train=300,
+        classifier={"epochs": 1},
+        sampling_search={"cfg_scales": [1.0, 3.0], "samples": 20, "reference_images": 30},
+    )
     raw["promotion"] = {
         "metric": "psnr",
         "lower_is_better": False,
@@ -256,7 +262,10 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
     gen = mlflow.pyfunc.load_model("models:/vim-generator@champion")
     sig = gen.metadata.signature
     defaults = {p.name: p.default for p in sig.params.params}
-    assert defaults["cfg_scale"] == 3.0 and defaults["top_k"] == 0 and defaults["seed"] == 0  # evaluate's
+    # the sampling evaluate used: the guidance scale its search picked on train images, from eval.json
+    picked = json.loads((orch.repo / "metrics" / "eval.json").read_text())["definitions"]["sampling_search"]
+    assert picked["cfg_scale"] in (1.0, 3.0) and defaults["cfg_scale"] == picked["cfg_scale"]
+    assert defaults["top_k"] == 0 and defaults["seed"] == 0
     assert [c.name for c in sig.outputs.inputs] == ["class_id", "image_png"]
     out = gen.predict(pd.DataFrame({"class_id": [0, 1, 2, 7]}), params={"seed": 7, "temperature": 0.9})
     assert list(out.class_id) == [0, 1, 2, 7]

@@ -118,6 +118,29 @@ class ClassifierConfig(StrictModel):
     lr: float = Field(default=4e-3, gt=0.0, description="peak of a one-cycle schedule")
 
 
+class SamplingSearchConfig(StrictModel):
+    """Guidance scale and temperature picked by FID_domain against train images, never the test split."""
+
+    cfg_scales: list[float] = Field(
+        default_factory=lambda: [1.5, 2.0, 3.0],
+        min_length=1,
+        description="candidates for a class-conditional VIM; an unconditional one samples at 1.0",
+    )
+    temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    samples: int = Field(default=500, ge=10, description="balanced images drawn per candidate")
+    reference_images: int = Field(
+        default=1000, ge=10, description="train images scored against (not those of fid_domain_real)"
+    )
+
+    @model_validator(mode="after")
+    def _in_range(self) -> "SamplingSearchConfig":
+        if any(s < 0 or s > 100 for s in self.cfg_scales):
+            raise ValueError(f"cfg_scales {self.cfg_scales} must lie in [0, 100]")
+        if any(t <= 0 or t > 100 for t in self.temperatures):
+            raise ValueError(f"temperatures {self.temperatures} must lie in (0, 100]")
+        return self
+
+
 class EvaluateSection(StrictModel):
     """`evaluate:` — generation, reconstruction and probe metrics, each with its definition."""
 
@@ -125,6 +148,11 @@ class EvaluateSection(StrictModel):
         default=1000, ge=10, description="generated images scored, balanced over classes"
     )
     cfg_scale: float | None = Field(default=None, ge=0.0, description="None: transformer.sampling.cfg_scale")
+    sampling_search: SamplingSearchConfig | None = Field(
+        default=None,
+        description="None: sample at cfg_scale and transformer.sampling.temperature; else the candidate "
+        "with the lowest FID_domain against train images sets both for the generation metrics",
+    )
     acceptance_rate: float = Field(default=0.5, gt=0.0, le=1.0, description="rejection sampling (paper: 0.5)")
     kid_subset_size: int = Field(default=500, ge=2)
     seed: int = Field(default=0, ge=0)

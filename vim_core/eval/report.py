@@ -19,6 +19,7 @@ from vim_core.eval.classifier import (
 )
 from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
+from vim_core.eval.sampling_search import search_sampling
 from vim_core.eval.ssim import ssim
 from vim_core.io import spec_hash
 from vim_core.tokenizer.export import Tokenizer, load_tokenizer
@@ -34,8 +35,11 @@ log = logging.getLogger(__name__)
 def eval_config_spec(params: Params) -> dict:
     """What decides what an eval metric means: the eval and sampling settings (not where files live) and
     the version of the test data."""
+    evaluate = params.evaluate.model_dump(mode="json", exclude={"classifier_dir", "weights_dir"})
+    if evaluate["sampling_search"] is None:  # as before the search existed, so older hashes still match
+        del evaluate["sampling_search"]
     return {
-        "evaluate": params.evaluate.model_dump(mode="json", exclude={"classifier_dir", "weights_dir"}),
+        "evaluate": evaluate,
         "test_data": read_manifest(params.data.out_dir).get("version"),
         "sampling": params.transformer.sampling.model_dump(mode="json"),
     }
@@ -121,17 +125,38 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
 
     # Generation: 2N balanced candidates; the first N are the plain samples, the top half per class the
     # rejection-sampled ones, so both sets hold N images and their FIDs compare at the same sample count.
-    t = time.monotonic()
     n = e.num_samples
-    cfg_scale = e.cfg_scale if e.cfg_scale is not None else params.transformer.sampling.cfg_scale
     s = params.transformer.sampling
+    cfg_scale = e.cfg_scale if e.cfg_scale is not None else s.cfg_scale
+    temperature = s.temperature
+    floor_rows = np.random.default_rng(e.seed).permutation(len(train_x))
+    if e.sampling_search is not None:
+        # The last rows of the floor's permutation: disjoint from its first k whenever the split allows.
+        reference = train_x[floor_rows[-e.sampling_search.reference_images :]]
+        search = search_sampling(
+            e.sampling_search,
+            vim,
+            tokenizer,
+            clf_path,
+            reference,
+            num_classes,
+            seed=e.seed + 1,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            batch_size=s.batch_size,
+            kid_subset_size=e.kid_subset_size,
+        )
+        cfg_scale, temperature = search["cfg_scale"], search["temperature"]
+        timings["sampling_search"] = search.pop("seconds")
+        out["definitions"]["sampling_search"] = search
+    t = time.monotonic()
     conditional = vim.num_classes > 0
     labels = _balanced_labels(2 * n, num_classes) if conditional else None
     tokens = sample(
         vim,
         2 * n,
         labels,
-        temperature=s.temperature,
+        temperature=temperature,
         top_k=s.top_k,
         top_p=s.top_p,
         cfg_scale=cfg_scale if conditional else 1.0,
@@ -149,10 +174,13 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     out["definitions"]["generation"] = {
         "samples": n,
         "classes": "balanced, class = index mod num_classes" if conditional else "unconditional",
-        "temperature": s.temperature,
+        "temperature": temperature,
         "top_k": s.top_k,
         "top_p": s.top_p,
         "cfg_scale": cfg_scale,
+        "settings": "picked on train images (definitions.sampling_search)"
+        if e.sampling_search is not None
+        else "fixed in params",
         "seed": e.seed,
         "class_accuracy": "domain classifier's argmax equals the requested class",
     }
@@ -177,9 +205,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
 
     # Floor and ceiling on the same pipeline.
     k = min(n, len(train_x))
-    out["fid_domain_real"] = dm(train_x[np.random.default_rng(e.seed).permutation(len(train_x))[:k]], test_x)[
-        "fid_domain"
-    ]
+    out["fid_domain_real"] = dm(train_x[floor_rows[:k]], test_x)["fid_domain"]
     out["fid_domain_unigram"] = dm(_unigram_images(params, tokenizer, n, e.seed), test_x)["fid_domain"]
     out["definitions"]["baselines"] = {
         "fid_domain_real": f"{k} train images vs the test split (floor)",
