@@ -132,6 +132,13 @@ def test_sampling_search_prefers_the_model_over_near_uniform_tokens(eval_params,
     fids = {row["temperature"]: row["fid_domain"] for row in out["grid"]}
     assert set(fids) == {1.0, 50.0} and fids[1.0] < fids[50.0]
     assert (out["cfg_scale"], out["temperature"]) == (1.0, 1.0)
+    # A class-accuracy floor no candidate reaches: the most class-faithful one is picked instead.
+    strict = cfg.model_copy(update={"min_class_accuracy": 1.0, "temperatures": [50.0, 1.0, 0.5]})
+    guarded = search_sampling(strict, vim, tokenizer, str(clf), train_x[:40], 10, seed=3, kid_subset_size=20)
+    most_accurate = max(guarded["grid"], key=lambda r: r["class_accuracy"])
+    if most_accurate["class_accuracy"] < 1.0:
+        assert guarded["temperature"] == most_accurate["temperature"]
+    assert "class_accuracy >= 1.0" in guarded["rule"]
 
 
 def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path):

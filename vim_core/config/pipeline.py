@@ -131,6 +131,13 @@ class SamplingSearchConfig(StrictModel):
     reference_images: int = Field(
         default=1000, ge=10, description="train images scored against (not those of fid_domain_real)"
     )
+    min_class_accuracy: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="a candidate whose own draws the classifier assigns to the requested class less often "
+        "is not picked (if none qualifies, the most accurate is); None: FID alone decides",
+    )
 
     @model_validator(mode="after")
     def _in_range(self) -> "SamplingSearchConfig":

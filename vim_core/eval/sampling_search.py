@@ -39,7 +39,8 @@ def search_sampling(
     """Score every (cfg_scale, temperature) of the grid; return the grid and the best candidate.
 
     `reference`: uint8 train images. An unconditional VIM has no guidance, so only its temperatures are
-    searched. Ties go to the setting nearer plain sampling (scale 1, temperature 1).
+    searched. With cfg.min_class_accuracy, only candidates whose draws reach it compete (guidance that
+    is too weak gives digits of the wrong class). Ties go to the setting nearer plain sampling.
     """
     conditional = vim.num_classes > 0
     scales = sorted(set(cfg.cfg_scales)) if conditional else [1.0]
@@ -68,14 +69,20 @@ def search_sampling(
             seed=seed,
         )
         row = {"cfg_scale": scale, "temperature": temperature, "fid_domain": round(result["fid_domain"], 3)}
-        if conditional:  # recorded, not used to choose: what the lower FID costs in class fidelity
+        if conditional:  # what a lower FID costs in class fidelity; a floor on it when min_class_accuracy
             row["class_accuracy"] = round(class_accuracy(classifier, images, labels.numpy()), 4)
         grid.append(row)
-    best = min(grid, key=lambda r: (r["fid_domain"], abs(r["cfg_scale"] - 1), abs(r["temperature"] - 1)))
+    floor = cfg.min_class_accuracy if conditional else None
+    eligible = [r for r in grid if floor is None or r["class_accuracy"] >= floor]
+    if not eligible:
+        eligible = [max(grid, key=lambda r: r["class_accuracy"])]
+    best = min(eligible, key=lambda r: (r["fid_domain"], abs(r["cfg_scale"] - 1), abs(r["temperature"] - 1)))
     return {
         "cfg_scale": best["cfg_scale"],
         "temperature": best["temperature"],
         "grid": grid,
+        "rule": "lowest fid_domain"
+        + (f" among candidates with class_accuracy >= {floor}" if floor is not None else ""),
         "samples": cfg.samples,
         "reference": f"{len(reference)} train images, none of those the FID floor uses (never the test split)",
         "seed": seed,
