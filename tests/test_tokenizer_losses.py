@@ -168,3 +168,18 @@ def test_lpips_with_made_up_weights(fake_weights):
     assert all(p.grad is None and not p.requires_grad for p in lpips.parameters())
     rgb = torch.rand(1, 3, 32, 32)
     assert lpips(rgb, rgb.flip(-1)).item() > 0
+
+
+def test_discriminator_layout_changes_speed_not_the_function():
+    """NHWC activations (the default) and NCHW give the same logits and R1 gradients, to rounding."""
+    x = torch.randn(8, 1, 32, 32)
+    outs = []
+    for channels_last in (True, False):
+        torch.manual_seed(0)
+        disc = Discriminator(32, 1, width=16, max_width=64, channels_last=channels_last)
+        logits = disc(x)
+        r1 = r1_penalty(disc, x)
+        r1.backward()
+        outs.append((logits.detach(), r1.detach(), disc.from_rgb.weight.grad.clone()))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -45,10 +45,17 @@ class Discriminator(nn.Module):
     """
 
     def __init__(
-        self, image_size: int, channels: int, width: int = 32, max_width: int = 256, mbstd_group: int = 4
+        self,
+        image_size: int,
+        channels: int,
+        width: int = 32,
+        max_width: int = 256,
+        mbstd_group: int = 4,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.mbstd_group = mbstd_group
+        self.channels_last = channels_last
         self.from_rgb = nn.Conv2d(channels, width, 1)
         blocks, res, c = [], image_size, width
         while res > 4 and res % 2 == 0:
@@ -61,9 +68,10 @@ class Discriminator(nn.Module):
         self.out = nn.Linear(c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NHWC activations: oneDNN's small convolutions and pools run 1.4x faster so on this CPU
-        # (benchmarks/README.md), and GPUs prefer the layout too. The weights keep theirs.
-        x = x.contiguous(memory_format=torch.channels_last)
+        # NHWC activations: oneDNN's small convolutions and pools run 1.3-1.4x faster so on this CPU
+        # (benchmarks/discriminator_layout.py), and GPUs prefer the layout too. The weights keep theirs.
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.blocks(_lrelu(self.from_rgb(x)))
         h = _lrelu(self.conv(minibatch_stddev(h, self.mbstd_group)))
         return self.out(_lrelu(self.fc(h.flatten(1)))).squeeze(1)
