@@ -3,7 +3,7 @@
     python -m benchmarks.discriminator_layout [--batch 64] [--steps 20] [--rounds 3] [--set K=V]
 
 The discriminator of params.yaml (width, max width, image size, channels), built with the same weights
-both ways (`channels_last` True, the default, and False, the layout before). The arms alternate, round
+both ways (`channels_last` False, the default, and True). The arms alternate, round
 by round, in one process, so a busy machine slows both alike; the median round decides.
 """
 

@@ -171,7 +171,7 @@ def test_lpips_with_made_up_weights(fake_weights):
 
 
 def test_discriminator_layout_changes_speed_not_the_function():
-    """NHWC activations (the default) and NCHW give the same logits and R1 gradients, to rounding."""
+    """NHWC activations and NCHW (the default) give the same logits and R1 gradients, to rounding."""
     x = torch.randn(8, 1, 32, 32)
     outs = []
     for channels_last in (True, False):

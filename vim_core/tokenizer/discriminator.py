@@ -51,7 +51,7 @@ class Discriminator(nn.Module):
         width: int = 32,
         max_width: int = 256,
         mbstd_group: int = 4,
-        channels_last: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.mbstd_group = mbstd_group
@@ -68,10 +68,12 @@ class Discriminator(nn.Module):
         self.out = nn.Linear(c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NHWC activations: oneDNN's small convolutions and pools run 1.3-1.4x faster so on this CPU
-        # (benchmarks/discriminator_layout.py), and GPUs prefer the layout too. The weights keep theirs.
+        # NHWC activations (benchmarks/discriminator_layout.py times both). `to`, not `contiguous`: a
+        # 1-channel NCHW tensor already counts as channels_last-contiguous, so `contiguous` would keep
+        # its strides and every layer would stay NCHW. Off by default: turning it on changes the
+        # tokenizer's float rounding, so the default pipeline's recorded figures would move with it.
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
         h = self.blocks(_lrelu(self.from_rgb(x)))
         h = _lrelu(self.conv(minibatch_stddev(h, self.mbstd_group)))
         return self.out(_lrelu(self.fc(h.flatten(1)))).squeeze(1)
