@@ -65,7 +65,7 @@ def search_sampling(
             images,
             reference,
             classifier_path,
-            kid_subset_size=min(kid_subset_size, cfg.samples, len(reference)),
+            kid_subset_size=kid_subset_size,  # domain_metrics caps it at the smaller set
             seed=seed,
         )
         row = {"cfg_scale": scale, "temperature": temperature, "fid_domain": round(result["fid_domain"], 3)}
