@@ -101,13 +101,24 @@ def failed_on_bad_input(fn: Callable[..., object], *args, **kwargs):
         return Failed(message=str(err), data={"error": str(err), "kind": kind})
 
 
-def run_stage(flow: Callable[..., object], argv: list[str] | None = None) -> int:
-    """Run a stage flow as a CLI: exit 0, or print one line per problem and exit non-zero."""
+def run_stage(
+    flow: Callable[..., object],
+    argv: list[str] | None = None,
+    worker_node: Callable[[Params], object] | None = None,
+) -> int:
+    """Run a stage flow as a CLI: exit 0, or print one line per problem and exit non-zero.
+
+    On a machine other than node 0 of a multi-machine run (PET_NODE_RANK > 0), a training stage runs
+    `worker_node(params)` instead: its ranks, with no flow, no tracking and no outputs of its own.
+    """
     import argparse
+    import os
 
     parser = argparse.ArgumentParser(description=flow.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    if worker_node is not None and os.environ.get("PET_NODE_RANK", "0") not in ("", "0"):
+        return run_flow_cli(lambda: None, lambda: worker_node(load_params(args.params)), flow_state=False)
     sweep_if_under_dvc()  # what an earlier, killed `dvc repro` left in DVC's lock file
     return run_flow_cli(
         lambda: load_params(args.params),  # fail before Prefect starts, in one line per problem
@@ -115,12 +126,16 @@ def run_stage(flow: Callable[..., object], argv: list[str] | None = None) -> int
     )
 
 
-def run_flow_cli(validate: Callable[[], object], run: Callable[[], object]) -> int:
+def run_flow_cli(validate: Callable[[], object], run: Callable[[], object], flow_state: bool = True) -> int:
     """validate(), then run() a flow for its final state: exit 0, or one line per problem and exit 2 for
-    bad input files (ConfigError) or 1 for any other VimError, including a failed flow run."""
+    bad input files (ConfigError) or 1 for any other VimError, including a failed flow run. With
+    flow_state=False, run() is plain work, not a flow: no Prefect API is started and nothing is returned."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         validate()
+        if not flow_state:
+            run()
+            return 0
         start_ephemeral_api()  # in ephemeral mode: a server that dies with this process, even on SIGKILL
         state = run()
         if state.is_failed():

@@ -5,22 +5,24 @@ import sys
 from prefect import task
 
 from flows.common import run_stage, stage_flow
-from flows.stages import Stage
-from flows.tracking import tracker_for
+from flows.ranks import run_ranks, transformer_rank, worker_node
+from flows.stages import Stage, declared
 from vim_core.config import Params
 
 
 @task
 def train(params: Params, stage: Stage, run_id: str | None) -> dict:
-    """Pretrain the Transformer on the token shards."""
-    from vim_core.train.transformer_trainer import train_transformer
+    """Pretrain the Transformer on the token shards (on every rank, with train.processes > 1)."""
+    return run_ranks(transformer_rank, params, params.transformer.train.processes, stage.plots_dir, run_id)
 
-    tracker = tracker_for(run_id)
-    run = train_transformer(params.transformer, seed=params.seed, tracker=tracker, plots_dir=stage.plots_dir)
-    return run.metrics
+
+def worker(params: Params) -> None:
+    """This machine's ranks, on a machine other than node 0."""
+    stage = declared("pretrain_transformer")
+    worker_node(transformer_rank, params.transformer.train.processes, params, stage.plots_dir)
 
 
 pretrain_transformer_flow = stage_flow("pretrain_transformer", train)
 
 if __name__ == "__main__":
-    sys.exit(run_stage(pretrain_transformer_flow))
+    sys.exit(run_stage(pretrain_transformer_flow, worker_node=worker))

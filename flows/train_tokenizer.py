@@ -5,24 +5,25 @@ import sys
 from prefect import task
 
 from flows.common import run_stage, stage_flow
-from flows.stages import Stage
-from flows.tracking import tracker_for
+from flows.ranks import run_ranks, tokenizer_rank, worker_node
+from flows.stages import Stage, declared
 from vim_core.config import Params
 
 
 @task
 def train(params: Params, stage: Stage, run_id: str | None) -> dict:
-    """Train the tokenizer, then score its reconstructions."""
-    from vim_core.train.tokenizer_trainer import train_tokenizer
+    """Train the tokenizer (on every rank, with train.processes > 1), then score its reconstructions."""
+    return run_ranks(tokenizer_rank, params, params.tokenizer.train.processes, stage.plots_dir, run_id)
 
-    tracker = tracker_for(run_id)
-    run = train_tokenizer(
-        params.tokenizer, params.data.out_dir, seed=params.seed, tracker=tracker, plots_dir=stage.plots_dir
+
+def worker(params: Params) -> None:
+    """This machine's ranks, on a machine other than node 0."""
+    worker_node(
+        tokenizer_rank, params.tokenizer.train.processes, params, declared("train_tokenizer").plots_dir
     )
-    return run.metrics
 
 
 train_tokenizer_flow = stage_flow("train_tokenizer", train)
 
 if __name__ == "__main__":
-    sys.exit(run_stage(train_tokenizer_flow))
+    sys.exit(run_stage(train_tokenizer_flow, worker_node=worker))

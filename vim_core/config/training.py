@@ -1,6 +1,6 @@
 """Knobs every trainer shares: steps, batch, optimizer, schedule, precision, checkpoints."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,6 +25,11 @@ class TrainLoopConfig(StrictModel):
     bf16: bool = Field(default=False, description="bf16 autocast; for GPUs")
     compile: bool = Field(default=False, description="torch.compile the model; for GPUs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1,
+        description="training processes on this machine, launched by the stage itself (torch's elastic "
+        "launcher): 1, N, or auto (one per visible GPU; 1 without CUDA). Several machines: README",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None: torch's default")
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)

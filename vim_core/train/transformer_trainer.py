@@ -44,7 +44,7 @@ def transformer_fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed
     spec = {
         "code": code_digest("transformer", "layers.py", "train", "data/shards.py"),
         "model": model_config_for(cfg, tokens_manifest).model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"resume"}),
+        "train": cfg.train.model_dump(mode="json", exclude={"resume", "processes"}),  # N ranks resume on M
         "tokens": [s["sha256"] for sp in tokens_manifest["splits"].values() for s in sp["shards"]],
         "seed": seed,
     }

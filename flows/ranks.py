@@ -1,0 +1,73 @@
+"""The training stages' ranks: what each process runs when a stage trains on several processes or machines.
+
+A stage with `train.processes` > 1 (or PET_NNODES > 1) launches these through vim_core.train.launch, the
+stage process being torch's elastic agent for its machine. Rank 0 logs to the stage's MLflow run (flushing
+its own outbox before it returns, as a rank is a process of its own); the other ranks track nothing.
+This module imports no Prefect, so a spawned rank starts quickly.
+"""
+
+import os
+import sys
+
+from flows.outbox import warning_line
+from flows.tracking import tracker_for
+from vim_core.config import Params
+from vim_core.train import distributed as vdist
+
+
+def _rank_tracker(run_id: str | None):
+    return tracker_for(run_id) if os.environ.get("RANK", "0") == "0" else None
+
+
+def _flush(tracker, stage: str) -> None:
+    box = getattr(tracker, "outbox", None)
+    if box is not None:
+        left = box.close()
+        if left:
+            print(warning_line(box, left, stage), file=sys.stderr)
+
+
+def tokenizer_rank(params: Params, plots_dir: str, run_id: str | None) -> dict:
+    """Train the tokenizer on this rank; every rank returns the run's metrics (rank 0's are the ones kept)."""
+    from vim_core.train.tokenizer_trainer import train_tokenizer
+
+    tracker = _rank_tracker(run_id)
+    try:
+        run = train_tokenizer(
+            params.tokenizer, params.data.out_dir, seed=params.seed, tracker=tracker, plots_dir=plots_dir
+        )
+    finally:
+        _flush(tracker, "train_tokenizer")
+        vdist.cleanup()
+    return run.metrics
+
+
+def transformer_rank(params: Params, plots_dir: str, run_id: str | None) -> dict:
+    """Pretrain VIM on this rank; as tokenizer_rank."""
+    from vim_core.train.transformer_trainer import train_transformer
+
+    tracker = _rank_tracker(run_id)
+    try:
+        run = train_transformer(params.transformer, seed=params.seed, tracker=tracker, plots_dir=plots_dir)
+    finally:
+        _flush(tracker, "pretrain_transformer")
+        vdist.cleanup()
+    return run.metrics
+
+
+def run_ranks(entry, params: Params, processes: int | str, plots_dir: str, run_id: str | None) -> dict:
+    """`entry` on this process alone, or on every rank when the stage trains distributed; the metrics."""
+    from vim_core.train.launch import distributed_requested, launch, resolve_processes
+
+    n = resolve_processes(processes)
+    if not distributed_requested(n):
+        return entry(params, plots_dir, run_id)
+    results = launch(entry, (params, plots_dir, run_id), n)
+    return results.get(0, {})
+
+
+def worker_node(entry, processes: int | str, params: Params, plots_dir: str) -> None:
+    """A machine other than node 0 (PET_NODE_RANK > 0): it runs its ranks and writes and tracks nothing."""
+    from vim_core.train.launch import launch, resolve_processes
+
+    launch(entry, (params, plots_dir, None), resolve_processes(processes))
