@@ -1,6 +1,6 @@
 """The `data:` section: where images come from and how they are normalised and split."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -35,3 +35,8 @@ class DataConfig(StrictModel):
     shard_size: int = Field(default=4096, ge=1, le=1_000_000)
     max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     max_images: int | None = Field(default=None, ge=1, description="cap for quick runs; None reads all")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="processes that decode and resize images (auto: this machine's cores); the shards "
+        "are byte-for-byte the same for any number",
+    )

@@ -4,11 +4,13 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from vim_core.config.data import DataConfig
+from vim_core.data.decode_pool import decode_stream, resolve_workers
 from vim_core.data.shards import ShardWriter
-from vim_core.data.sources import decode_image, open_source
+from vim_core.data.sources import open_source
 from vim_core.data.storage import io_error
 from vim_core.errors import VimError
 from vim_core.io import atomic_dir
@@ -52,18 +54,16 @@ def _write(cfg: DataConfig, tmp: Path, progress: bool) -> PrepareReport:
     writer = ShardWriter(tmp, cfg.shard_size)
     url = cfg.source.url or "embedded MNIST"
     seen = bad = 0
-    samples = tqdm(_guarded(source.samples, url), desc="prepare_data", unit="img", disable=not progress)
-    for sample in samples:
-        if cfg.max_images is not None and seen >= cfg.max_images:
-            break
+    samples = islice(_guarded(source.samples, url), cfg.max_images)
+    workers = resolve_workers(cfg.workers)
+    decoded = decode_stream(samples, cfg.channels, cfg.image_size, cfg.fit, workers)
+    for sample, image, reason in tqdm(decoded, desc="prepare_data", unit="img", disable=not progress):
         seen += 1
         if sample.label >= len(source.class_names) or sample.label < 0:
             raise VimError(f"{sample.key}: label {sample.label} outside 0..{len(source.class_names) - 1}")
-        try:
-            image = decode_image(sample.raw, cfg.channels, cfg.image_size, cfg.fit)
-        except ValueError as err:
+        if image is None:
             bad += 1
-            log.warning("skipping unreadable image %s (%s)", sample.key, err)
+            log.warning("skipping unreadable image %s (%s)", sample.key, reason)
             continue
         writer.add(split_of(sample.key, cfg.split_seed, cfg.test_fraction), image, sample.label)
     if seen == 0:
