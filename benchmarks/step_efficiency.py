@@ -25,7 +25,6 @@ on which tokens they are).
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import host
 from vim_core.config import Params, apply_overrides, load_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import read_manifest
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         below = {n: profile_of(n) for n, r in trainers.items() if n != slowest and r[best[n]]["ratio"] < 0.5}
         result = {
             "machine": {
-                "cpu": _cpu_name(),
-                "avx512_bf16": _has_flag("avx512_bf16"),
+                "cpu": host.cpu_name(),
+                "avx512_bf16": host.has_flag("avx512_bf16"),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
             },
@@ -335,24 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out, text + "\n")
     print(text)
     return 0
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def _cpu_name() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return os.uname().machine
-
-
-def _has_flag(flag: str) -> bool:
-    return any(line.startswith("flags") and f" {flag}" in line for line in _cpuinfo().splitlines())
 
 
 if __name__ == "__main__":
