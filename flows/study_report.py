@@ -303,10 +303,12 @@ def _pyplot():
     return plt
 
 
-def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
-    """One panel per metric: each arm's seeds as dots and their mean as a bar."""
-    plt = _pyplot()
+def render_plot(report: dict, spec: StudySpec, path: Path) -> bool:
+    """One panel per metric: each arm's seeds as dots and their mean as a bar; False when nothing to plot."""
     shown = [m for m in spec.metrics if any(m.key in a["metrics"] for a in report["arms"].values())]
+    if not shown:  # a partial report before any run finished
+        return False
+    plt = _pyplot()
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
@@ -325,6 +327,7 @@ def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(report["title"], fontsize=9)
     _save_figure(fig, path)
+    return True
 
 
 def curves(spec: StudySpec) -> dict[str, list[tuple[int, MetricSpec]]]:

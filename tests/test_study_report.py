@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from flows.study import main
-from flows.study_report import build_report, check_replaceable, curves, render_curves, render_markdown
+from flows.study_report import (
+    build_report,
+    check_replaceable,
+    curves,
+    render_curves,
+    render_markdown,
+    write_report,
+)
 from flows.study_spec import StudySpec
 from vim_core.errors import VimError
 
@@ -209,3 +216,9 @@ def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
     assert all("cfg 3" not in (m.label or "") for m in spec.metrics)
     rep = StudySpec.model_validate(yaml.safe_load((repo / "studies" / "representation.yaml").read_text()))
     assert rep.overrides["evaluate.sampling"] is False and "evaluate.cfg_scale" not in rep.overrides
+
+
+def test_a_partial_report_before_any_run_finished_is_written(tmp_path: Path):
+    report = write_report(GEN, {}, "studies/gen.yaml", tmp_path, partial=True)
+    assert report["arms"] == {} and report["comparison"] == {} and len(report["missing_runs"]) == 11
+    assert "Partial report" in (tmp_path / "gen.md").read_text() and not (tmp_path / "gen.png").exists()
