@@ -27,6 +27,8 @@ from vim_core.io import atomic_write_bytes, atomic_write_text
 log = logging.getLogger("vim.compare")
 
 KEY_METRICS = (
+    "fid_domain_val",  # the promotion's metric and guard (validation split)
+    "class_accuracy_val",
     "fid_domain",
     "class_accuracy",
     "codebook_usage",

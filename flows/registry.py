@@ -9,6 +9,9 @@ The comparison rule: a challenger is compared with the champion only when both w
 evaluation, i.e. their `vim.eval_config_hash` tags are equal (same held-out split, sample count, feature
 extractor, seed). Otherwise the metrics are not comparable, the comparison is refused and the champion
 stays. Metrics are read from the first name in `names` (all versions of a bundle carry the same ones).
+
+Promotion is a choice, so it is made on the validation split (`fid_domain_val`, guarded by
+`class_accuracy_val`, params.yaml `promotion:`); the held-out split that scores a model never decides it.
 """
 
 import logging
@@ -204,9 +207,9 @@ def _move_alias(c, alias: str, to: dict[str, str], before: dict[str, str | None]
 
 def compare_and_promote(
     names=MODEL_NAMES,
-    metric: str = "fid_domain",
+    metric: str = "fid_domain_val",
     lower_is_better: bool = True,
-    guard_metric: str | None = "class_accuracy",
+    guard_metric: str | None = "class_accuracy_val",
     guard_min: float = 0.9,
     *,
     run_id: str | None = None,

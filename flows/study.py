@@ -11,13 +11,16 @@ exists with the same params is skipped, so a study killed with Ctrl-C or SIGKILL
 was in. Each run gets an MLflow pipeline run tagged vim.study / vim.arm / vim.seed, which its stage runs
 nest under, and the arm's metrics are logged on it for comparison in the UI.
 
-The report, reports/<study>.{json,md,png}, holds every arm's mean and spread over seeds, the training
-FLOPs that make arms comparable, and the paper's figures beside ours.
+The report, reports/<study>.{json,md,png} (flows.study_report, with the statistics of flows.study_stats),
+holds every arm's mean and sd over seeds, each compared pair's difference with a 95% Welch interval and a
+verdict, each run's sampling choice, the training FLOPs that make arms comparable, and the paper's figures
+beside ours. A committed report of the old protocol is not overwritten unless --replace-old says so.
+
+This module is the runner: the study file is flows.study_spec, the report flows.study_report.
 """
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import logging
 import math
@@ -27,17 +30,15 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from prefect import flow, task
-from pydantic import Field, ValidationError, field_validator
 
 from flows.common import run_flow_cli
-from vim_core.config import apply_overrides, format_validation_error, load_params
-from vim_core.config.base import StrictModel
-from vim_core.errors import ConfigError, VimError
-from vim_core.io import atomic_write_text
+from flows.study_report import check_replaceable, write_report
+from flows.study_spec import Run, load_study
+from vim_core.errors import VimError
 
 log = logging.getLogger("vim.study")
 
@@ -51,104 +52,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return log
-
-
-REPO = Path(__file__).resolve().parents[1]
-SLUG = r"^[a-z0-9][a-z0-9_-]*$"
-METRIC_FILES = {
-    "tokenizer": "metrics/tokenizer.json",
-    "transformer": "metrics/transformer.json",
-    "eval": "metrics/eval.json",
-}
-
-
-# ---- the study file
-
-
-class MetricSpec(StrictModel):
-    """One row of the report: a number from one stage's metrics JSON."""
-
-    key: str
-    source: Literal["tokenizer", "transformer", "eval"]
-    label: str | None = None
-    better: Literal["lower", "higher"] | None = None
-
-
-class ArmSpec(StrictModel):
-    description: str = ""
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted params.yaml key -> value")
-    seeds: list[int] | None = Field(default=None, description="None: the study's seeds")
-
-
-class StudySpec(StrictModel):
-    """A study file (studies/*.yaml)."""
-
-    name: str = Field(pattern=SLUG)
-    title: str
-    question: str = ""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    overrides: dict[str, Any] = Field(default_factory=dict, description="applied to every arm first")
-    arms: dict[str, ArmSpec] = Field(min_length=1)
-    compare: list[str] = Field(default_factory=list, description="the arms the headline compares")
-    metrics: list[MetricSpec] = Field(min_length=1)
-    paper: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="arm -> metric key -> the paper's figure, and 'source'"
-    )
-    notes: list[str] = Field(default_factory=list)
-
-    @field_validator("arms")
-    @classmethod
-    def _arm_names(cls, arms: dict) -> dict:
-        import re
-
-        bad = [a for a in arms if not re.match(SLUG, a)]
-        if bad:
-            raise ValueError(f"arm names must be lower-case letters, digits, - or _: {bad}")
-        return arms
-
-    def runs(self) -> list["Run"]:
-        out = []
-        for arm, spec in self.arms.items():
-            for seed in spec.seeds if spec.seeds is not None else self.seeds:
-                overrides = {**self.overrides, **spec.overrides, "seed": seed}
-                out.append(Run(study=self.name, arm=arm, seed=seed, overrides=overrides))
-        return out
-
-
-class Run(StrictModel):
-    study: str
-    arm: str
-    seed: int
-    overrides: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return f"{self.study}-{self.arm}-s{self.seed}"
-
-
-def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> StudySpec:
-    """Read and validate a study file; every arm's overrides must make a valid params.yaml."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{path}: file not found"])
-    try:
-        raw = yaml.safe_load(path.read_text())
-        spec = StudySpec.model_validate(raw or {})
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
-    unknown = sorted({a for a in [*spec.compare, *spec.paper] if a not in spec.arms})
-    if unknown:
-        raise ConfigError([f"{path}: compare/paper name arms that do not exist: {unknown}"])
-    params = load_params(params_path)
-    for run in spec.runs():
-        sets = [f"{k}={json.dumps(v)}" for k, v in run.overrides.items()]
-        try:
-            apply_overrides(params, sets, source=f"{path}: arm {run.arm}")
-        except ConfigError as err:
-            raise ConfigError(err.lines) from None
-    return spec
 
 
 # ---- DVC experiments
@@ -322,285 +225,6 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-# ---- the report
-
-
-def lookup(data: dict, key: str):
-    """data[key], or a nested value by dotted path (probe_test_accuracy_by_block.2)."""
-    if key in data:
-        return data[key]
-    node = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def summarize(values: list[float]) -> dict:
-    """Mean, sample standard deviation (n - 1) and the values themselves, so a reader sees the spread."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": values}
-
-
-def build_report(
-    spec: StudySpec, exps: dict[str, dict], study_file: str, partial: bool = False, cwd: Path = REPO
-) -> dict:
-    """The report of every finished run; with partial, unfinished runs are listed as missing, not an error."""
-    arms: dict[str, dict] = {}
-    missing = [r.name for r in spec.runs() if r.name not in exps]
-    if missing and not partial:
-        raise VimError(f"no finished experiment for {missing}; run the study first (or --partial)")
-    for arm, arm_spec in spec.arms.items():
-        runs = [r for r in spec.runs() if r.arm == arm and r.name in exps]
-        if not runs:
-            continue
-        per_run = [exps[r.name]["metrics"] for r in runs]
-        metrics = {}
-        for m in spec.metrics:
-            values = [lookup(pm.get(METRIC_FILES[m.source]) or {}, m.key) for pm in per_run]
-            if all(isinstance(v, int | float) for v in values):
-                metrics[m.key] = summarize([float(v) for v in values])
-        budget = {}
-        for source in ("tokenizer", "transformer"):
-            for key in ("train_flops", "steps", "flops_per_step"):
-                values = [(pm.get(METRIC_FILES[source]) or {}).get(key) for pm in per_run]
-                if all(isinstance(v, int | float) for v in values):
-                    budget[f"{source}_{key}"] = summarize([float(v) for v in values])
-        arms[arm] = {
-            "description": arm_spec.description,
-            "overrides": {k: v for k, v in {**spec.overrides, **arm_spec.overrides}.items()},
-            "seeds": [r.seed for r in runs],
-            "experiments": [r.name for r in runs],
-            "tokenizer_train_flops": budget.get("tokenizer_train_flops", {}).get("mean"),
-            "transformer_train_flops": budget.get("transformer_train_flops", {}).get("mean"),
-            "budget": budget,
-            "metrics": metrics,
-        }
-    return {
-        "study": spec.name,
-        "title": spec.title,
-        "question": spec.question,
-        "study_file": study_file,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git(cwd, "rev-parse", "HEAD"),  # the experiments' baseline commit
-        "machine": _machine(),
-        "compare": [a for a in spec.compare if a in arms],
-        "missing_runs": missing,
-        "arms": arms,
-        "comparison": _comparison(spec, arms),
-        "paper": spec.paper,
-        "notes": spec.notes,
-    }
-
-
-def _comparison(spec: StudySpec, arms: dict) -> dict:
-    """For the headline pair: the difference of means, and whether the seeds' ranges overlap."""
-    if len(spec.compare) != 2 or not all(a in arms for a in spec.compare):
-        return {}
-    a, b = spec.compare
-    out = {}
-    for m in spec.metrics:
-        if m.key not in arms[a]["metrics"] or m.key not in arms[b]["metrics"]:
-            continue
-        va, vb = arms[a]["metrics"][m.key], arms[b]["metrics"][m.key]
-        overlap = min(va["values"]) <= max(vb["values"]) and min(vb["values"]) <= max(va["values"])
-        winner = None
-        if m.better is not None and va["mean"] != vb["mean"]:
-            a_better = (va["mean"] < vb["mean"]) == (m.better == "lower")
-            winner = a if a_better else b
-        out[m.key] = {
-            f"{a}_minus_{b}": va["mean"] - vb["mean"],
-            "better": m.better,
-            "better_mean": winner,
-            "seed_ranges_overlap": overlap,
-        }
-    return out
-
-
-def _git(cwd: Path, *args: str) -> str | None:
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def _fmt(stat: dict | None) -> str:
-    if not stat:
-        return "-"
-    mean, std, n = stat["mean"], stat["std"], stat["n"]
-    digits = 3 if abs(mean) < 100 else 1
-    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})" if n > 1 else f"{mean:.{digits}f} (n=1)"
-
-
-def _sci(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
-def render_markdown(report: dict, spec: StudySpec) -> str:
-    arms = list(report["arms"])
-    paper_arms = [a for a in arms if a in report["paper"]]
-    lines = [f"# {report['title']}", ""]
-    if report["question"]:
-        lines += [report["question"], ""]
-    lines += [
-        f"Study `{report['study']}` ({report['study_file']}), commit `{(report['git_commit'] or '?')[:12]}`, "
-        f"{report['created']}, {report['machine']}. Each cell: mean ± sample standard deviation over seeds "
-        "(n = seeds); every seed's value is in the JSON.",
-        "",
-    ]
-    if report["missing_runs"]:
-        lines += [f"**Partial report: not run yet: {', '.join(report['missing_runs'])}.**", ""]
-    lines += [
-        "| metric | " + " | ".join(arms) + "".join(f" | paper: {a}" for a in paper_arms) + " |",
-        "|---" * (1 + len(arms) + len(paper_arms)) + "|",
-    ]
-    for m in spec.metrics:
-        arrow = {"lower": " (lower is better)", "higher": " (higher is better)", None: ""}[m.better]
-        row = [f"{m.label or m.key}{arrow}"]
-        row += [_fmt(report["arms"][a]["metrics"].get(m.key)) for a in arms]
-        row += [str(report["paper"][a].get(m.key, "-")) for a in paper_arms]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Training budget (FLOPs counted by torch's FlopCounterMode on one real step):", ""]
-    lines += [
-        "| arm | seeds | tokenizer FLOPs | tokenizer steps | VIM FLOPs | VIM steps |",
-        "|---|---|---|---|---|---|",
-    ]
-    for a in arms:
-        b = report["arms"][a]["budget"]
-        lines.append(
-            f"| {a} | {report['arms'][a]['seeds']} | {_sci(b.get('tokenizer_train_flops', {}).get('mean'))} | "
-            f"{_sci(b.get('tokenizer_steps', {}).get('mean'))} | "
-            f"{_sci(b.get('transformer_train_flops', {}).get('mean'))} | "
-            f"{_sci(b.get('transformer_steps', {}).get('mean'))} |"
-        )
-    if report["comparison"]:
-        a, b = report["compare"]
-        lines += [
-            "",
-            f"`{a}` against `{b}`:",
-            "",
-            f"| metric | {a} − {b} | better mean | seed ranges overlap |",
-        ]
-        lines.append("|---|---|---|---|")
-        for key, c in report["comparison"].items():
-            diff = c[f"{a}_minus_{b}"]
-            lines.append(
-                f"| {key} | {diff:+.3f} | {c['better_mean'] or '-'} | {'yes' if c['seed_ranges_overlap'] else 'no'} |"
-            )
-    lines += ["", "Arms:", ""]
-    for a in arms:
-        ov = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in report["arms"][a]["overrides"].items()) or "none"
-        lines.append(f"- `{a}`: {report['arms'][a]['description']} Overrides: {ov}.")
-    if report["paper"]:
-        lines += [
-            "",
-            "Paper figures: " + "; ".join(f"{a}: {p.get('source', '')}" for a, p in report["paper"].items()),
-        ]
-    for note in report["notes"]:
-        lines += ["", note]
-    return "\n".join(lines) + "\n"
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def render_plot(report: dict, spec: StudySpec, path: Path) -> None:
-    """One panel per metric: each arm's seeds as dots and their mean as a bar."""
-    plt = _pyplot()
-    shown = [m for m in spec.metrics if any(m.key in a["metrics"] for a in report["arms"].values())]
-    cols = min(4, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    arms = list(report["arms"])
-    for ax, m in zip(axes.flat, shown, strict=False):
-        for i, arm in enumerate(arms):
-            stat = report["arms"][arm]["metrics"].get(m.key)
-            if stat:
-                ax.bar(i, stat["mean"], color=f"C{i}", alpha=0.5)
-                ax.scatter([i] * len(stat["values"]), stat["values"], color=f"C{i}", s=12, zorder=3)
-        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7)
-        arrow = {"lower": " ↓", "higher": " ↑", None: ""}[m.better]
-        ax.set_title((m.label or m.key) + arrow, fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.axis("off")
-    fig.suptitle(report["title"], fontsize=9)
-    _save_figure(fig, path)
-
-
-def curves(spec: StudySpec) -> dict[str, list[tuple[int, MetricSpec]]]:
-    """Metrics indexed by position (`probe_test_accuracy_by_block.2`), grouped into curves by their prefix."""
-    out: dict[str, list[tuple[int, MetricSpec]]] = {}
-    for m in spec.metrics:
-        prefix, _, index = m.key.rpartition(".")
-        if prefix and index.isdigit():
-            out.setdefault(prefix, []).append((int(index), m))
-    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len(v) > 1}
-
-
-def render_curves(report: dict, spec: StudySpec, path: Path) -> bool:
-    """One panel per curve (the probe over depth): each arm's mean with its seeds' range, per index."""
-    groups = curves(spec)
-    if not groups:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
-    for ax, (prefix, points) in zip(axes.flat, groups.items(), strict=True):
-        for i, (arm, data) in enumerate(report["arms"].items()):
-            stats = [(x, data["metrics"].get(m.key)) for x, m in points]
-            stats = [(x, s) for x, s in stats if s]
-            if not stats:
-                continue
-            xs = [x for x, _ in stats]
-            ax.plot(xs, [s["mean"] for _, s in stats], marker="o", color=f"C{i}", label=arm)
-            lo = [min(s["values"]) for _, s in stats]
-            hi = [max(s["values"]) for _, s in stats]
-            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
-        ax.set_xticks([x for x, _ in points])
-        ax.set_xlabel("index (0-based)", fontsize=8)
-        ax.set_title(prefix, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    fig.suptitle(report["title"] + " (line: mean over seeds; band: the seeds' range)", fontsize=9)
-    _save_figure(fig, path)
-    return True
-
-
-def write_report(spec: StudySpec, cwd: Path, study_file: str, out_dir: Path, partial: bool = False) -> dict:
-    report = build_report(spec, experiments(cwd), study_file, partial, cwd)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out_dir / f"{spec.name}.md", render_markdown(report, spec))
-    render_plot(report, spec, out_dir / f"{spec.name}.png")
-    render_curves(report, spec, out_dir / f"{spec.name}_curves.png")
-    return report
-
-
 # ---- the flow
 
 
@@ -611,15 +235,17 @@ def study_flow(
     report_only: bool = False,
     out_dir: str = "reports",
     partial: bool = False,
+    replace_old: bool = False,
 ):
     """Run a study's arms as DVC experiments (skipping those done), then write its report."""
     cwd = Path.cwd()
     spec = load_study(study_file, params_path)
+    check_replaceable(cwd / out_dir, spec.name, replace_old)  # before an hour of runs, not after
     if not report_only:
         stop_leftover(cwd, spec.name)
         for run in spec.runs():
             run_arm(run, str(cwd), params_path)
-    return write_report(spec, cwd, study_file, cwd / out_dir, partial)
+    return write_report(spec, experiments(cwd), study_file, cwd / out_dir, partial, cwd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,12 +259,28 @@ def main(argv: list[str] | None = None) -> int:
         "--partial", action="store_true", help="with --report-only: report the finished runs, list the rest"
     )
     parser.add_argument("--out-dir", default="reports")
+    parser.add_argument(
+        "--replace-old",
+        action="store_true",
+        help="overwrite a committed report of the old protocol (refused otherwise)",
+    )
     args = parser.parse_args(argv)
+
+    def validate() -> None:  # fail before Prefect starts, one line per problem
+        spec = load_study(args.study, args.params)
+        check_replaceable(Path.cwd() / args.out_dir, spec.name, args.replace_old)
+
     try:
         return run_flow_cli(
-            lambda: load_study(args.study, args.params),  # fail before Prefect starts, one line per problem
+            validate,
             lambda: study_flow(
-                args.study, args.params, args.report_only, args.out_dir, args.partial, return_state=True
+                args.study,
+                args.params,
+                args.report_only,
+                args.out_dir,
+                args.partial,
+                args.replace_old,
+                return_state=True,
             ),
         )
     except KeyboardInterrupt:

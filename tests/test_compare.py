@@ -46,6 +46,8 @@ def pipeline(tmp_path, mnist, names, fid, acc, usage, bits, register=True, offse
             t.log_metrics({"val_bits_per_token": bits, "steps": 40}, step=0)
         with tracking.stage_run("evaluate", params) as t:
             metrics = {
+                "fid_domain_val": fid + 1.0,  # the promotion decides on val (here: test FID + 1)
+                "class_accuracy_val": acc,
                 "fid_domain": fid,
                 "class_accuracy": acc,
                 "codebook_usage": usage,
@@ -103,6 +105,7 @@ def test_versions_aliases_and_champion_flag(env, mnist, names, tmp_path, capsys)
     assert compare.main(["--champion", "--model", lead, "--out", str(tmp_path / "c")]) == 0
     rows = _cells(capsys.readouterr().out)
     assert rows["fid_domain"] == ["20", "15"] and rows["val_bits_per_token"] == ["3", "2.5"]
+    assert rows["fid_domain_val"] == ["21", "16"] and rows["class_accuracy_val"] == ["0.95", "0.96"]
     md = (tmp_path / "c" / "comparison.md").read_text()
     assert f"{lead} v1 (champion)" in md and f"{lead} v2 (challenger)" in md
     # the same two by number and by bare NAME@alias, mixed with a run id

@@ -98,6 +98,19 @@ def test_kmeans_is_seeded_deterministic_and_a_local_optimum(digits):
         assert palette.min() >= -1 and palette.max() <= 1
 
 
+def test_the_kmeans_fit_counts_its_flops():
+    # 3 pixels, 2 grey levels: seeding is 2 one-colour passes of 3 * (3 + 1) FLOPs plus a cumulative sum
+    # and a minimum (2 * 3); each Lloyd distance pass is 3 * 2 * 4, each update 3 + 2 sums and divisions.
+    stats: dict = {}
+    fit_palette(torch.tensor([[-1.0], [-0.9], [1.0]]), 2, seed=0, stats=stats)
+    passes = stats["lloyd_iterations"]
+    assert passes == 2  # one pass and update, then a pass that changes nothing
+    assert stats["flops"] == 2 * 12 + 6 + passes * 24 + (passes - 1) * 5
+    big: dict = {}
+    fit_palette(torch.rand(1000, 3), 8, seed=0, stats=big)
+    assert big["flops"] > 1000 * 8 * 10 * big["lloyd_iterations"]
+
+
 def test_more_clusters_than_distinct_pixels_repeats_colours():
     pixels = torch.tensor([[-1.0], [0.5], [1.0]]).repeat(50, 1)
     palette = fit_palette(pixels, 5, seed=0)
@@ -196,7 +209,8 @@ def test_palette_runs_through_the_trainers_as_the_igpt_baseline(stage2, tmp_path
     raw["transformer"]["checkpoint_dir"] = str(tmp_path / "ckpt")
     params = parse_params(raw)
     run = train_tokenizer(params.tokenizer, params.data.out_dir, seed=0, plots_dir=tmp_path / "plots")
-    assert run.metrics["steps"] == 0 and run.metrics["train_flops"] == 0.0
+    assert run.metrics["steps"] == 0 and run.metrics["train_flops"] > 0  # the k-means fit, counted
+    assert "counted analytically" in run.metrics["flops_definition"]
     assert 0 < run.metrics["codebook_usage"] <= 1 and run.metrics["psnr"] > 10
     assert (tmp_path / "plots" / "tokenizer_reconstructions.png").stat().st_size > 0
     manifest = tokenize_dataset(str(run.model_path), params.data.out_dir, tmp_path / "tokens")

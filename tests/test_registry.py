@@ -28,7 +28,14 @@ def _pipeline(names, fid, acc, eval_hash=EVAL, register=None) -> tuple[str, dict
 
     with mlflow_run.pipeline_run("pipeline") as parent, tracking.stage_run("evaluate") as t:
         info = mlflow.pyfunc.log_model(name="model", python_model=str(ECHO), pip_requirements=["mlflow"])
-        metrics = {"fid_domain": fid, "class_accuracy": acc, "psnr": 20.0}
+        # The test split's numbers rank the other way round: a promotion that read them would go wrong.
+        metrics = {
+            "fid_domain_val": fid,
+            "class_accuracy_val": acc,
+            "fid_domain": 100.0 - fid,
+            "class_accuracy": 1.0 - acc,
+            "psnr": 20.0,
+        }
         t.log_metrics(metrics, step=0)
         uris = {n: info.model_uri for n in (register or names)}
         versions = register_bundle(uris, metrics, t.run_id, eval_hash=eval_hash)
@@ -49,10 +56,11 @@ def test_champion_challenger_lifecycle(reg_env, names, tmp_path):
     c = mlflow_run.client()
     mv = c.get_model_version(names[0], "1")
     assert mv.tags[registry.BUNDLE_TAG] == p1 and mv.tags[registry.EVAL_HASH_TAG] == EVAL
-    assert float(mv.tags["metric.fid_domain"]) == 20.0
+    assert float(mv.tags["metric.fid_domain_val"]) == 20.0 and float(mv.tags["metric.fid_domain"]) == 80.0
     with mlflow_run.pipeline_run("promote") as promote_run:
         first = compare_and_promote(names)
     assert first["outcome"] == "promoted" and "first" in first["reason"]
+    assert first["metric"] == "fid_domain_val" and first["guard_metric"] == "class_accuracy_val"
     assert _aliases(names, CHAMPION) == v1 == first["champion_after"]
     assert first["champion_before"] == dict.fromkeys(names)
     model = mlflow.pyfunc.load_model(registry.champion_uri(names[1]))
@@ -74,7 +82,7 @@ def test_champion_challenger_lifecycle(reg_env, names, tmp_path):
     rows = {
         (m, r): (v, f)
         for m, r, v, f in zip(
-            table["model"], table["role"], table["version"], table["fid_domain"], strict=True
+            table["model"], table["role"], table["version"], table["fid_domain_val"], strict=True
         )
     }
     assert rows[(names[2], CHAMPION)] == ("1", 20.0) and rows[(names[2], CHALLENGER)] == ("2", 25.0)
@@ -116,8 +124,8 @@ def test_first_challenger_failing_guard_and_incomplete_set(reg_env, names):
 
 def _mv(version, fid, acc=0.95, eval_hash=EVAL, bundle="b"):
     tags = {
-        "metric.fid_domain": repr(fid),
-        "metric.class_accuracy": repr(acc),
+        "metric.fid_domain_val": repr(fid),
+        "metric.class_accuracy_val": repr(acc),
         registry.EVAL_HASH_TAG: eval_hash,
         registry.BUNDLE_TAG: bundle,
     }
@@ -134,9 +142,9 @@ def test_direction_and_ties(lower, challenger_fid, outcome):
         names,
         {"a": _mv("2", challenger_fid, bundle="b2")},
         {"a": _mv("1", 10.0)},
-        "fid_domain",
+        "fid_domain_val",
         lower,
-        "class_accuracy",
+        "class_accuracy_val",
         0.9,
     )
     assert got == outcome
@@ -145,15 +153,17 @@ def test_direction_and_ties(lower, challenger_fid, outcome):
 def test_missing_metric_or_hash_is_refused():
     champ = {"a": _mv("1", 10.0)}
     no_metric = _mv("2", 5.0, bundle="b2")
-    del no_metric.tags["metric.fid_domain"]
+    del no_metric.tags["metric.fid_domain_val"]
     assert (
-        registry._decide(("a",), {"a": no_metric}, champ, "fid_domain", True, "class_accuracy", 0.9)[0]
+        registry._decide(("a",), {"a": no_metric}, champ, "fid_domain_val", True, "class_accuracy_val", 0.9)[
+            0
+        ]
         == "refused"
     )
     no_hash = _mv("2", 5.0, bundle="b2")
     del no_hash.tags[registry.EVAL_HASH_TAG]
     assert (
-        registry._decide(("a",), {"a": no_hash}, champ, "fid_domain", True, "class_accuracy", 0.9)[0]
+        registry._decide(("a",), {"a": no_hash}, champ, "fid_domain_val", True, "class_accuracy_val", 0.9)[0]
         == "refused"
     )
 
@@ -161,10 +171,11 @@ def test_missing_metric_or_hash_is_refused():
 def test_no_guard_metric_means_no_guard():
     champ = {"a": _mv("1", 10.0)}
     no_acc = _mv("2", 5.0, bundle="b2")
-    del no_acc.tags["metric.class_accuracy"]
-    assert registry._decide(("a",), {"a": no_acc}, champ, "fid_domain", True, None, 0.9)[0] == "promoted"
+    del no_acc.tags["metric.class_accuracy_val"]
+    assert registry._decide(("a",), {"a": no_acc}, champ, "fid_domain_val", True, None, 0.9)[0] == "promoted"
     assert (
-        registry._decide(("a",), {"a": no_acc}, {"a": None}, "fid_domain", True, None, 0.9)[0] == "promoted"
+        registry._decide(("a",), {"a": no_acc}, {"a": None}, "fid_domain_val", True, None, 0.9)[0]
+        == "promoted"
     )
-    table = registry._table(("a",), {"a": no_acc}, champ, "fid_domain", None)
-    assert set(table) == {"model", "role", "version", "fid_domain", "eval_config_hash", "bundle"}
+    table = registry._table(("a",), {"a": no_acc}, champ, "fid_domain_val", None)
+    assert set(table) == {"model", "role", "version", "fid_domain_val", "eval_config_hash", "bundle"}

@@ -183,3 +183,23 @@ def test_discriminator_layout_changes_speed_not_the_function():
         outs.append((logits.detach(), r1.detach(), disc.from_rgb.weight.grad.clone()))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_logit_laplace_scale_below_the_floor_still_gets_a_gradient():
+    # The loss switched on, every log-scale output far below the floor (-10): the forward value is the
+    # floor's, and descent still raises the scale (a hard clamp gave exactly 0 gradient here).
+    torch.manual_seed(0)
+    model = build_tokenizer(
+        TokenizerModelConfig(logit_laplace=True, codebook_size=16), image_size=16, channels=1
+    )
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = model(x)
+    log_scale = torch.full_like(out.laplace_log_scale, -14.0, requires_grad=True)
+    floored = out.laplace_log_scale.detach().clone().fill_(-10.0)
+    out.laplace_log_scale = log_scale
+    terms = reconstruction_losses(out, x, LossConfig(l2_weight=1.0, logit_laplace_weight=0.1))
+    torch.testing.assert_close(
+        terms["logit_laplace"], 0.1 * logit_laplace_nll(out.laplace_loc.detach(), floored, x)
+    )
+    terms["total"].backward()
+    assert log_scale.grad is not None and (log_scale.grad < 0).all()

@@ -66,3 +66,42 @@ def test_train_evaluate_export(prepared, tmp_path):
     reloaded = load_tokenizer(str(run.model_path))
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     assert torch.equal(reloaded.encode(x), run.model.encode(x))
+
+
+def test_the_vqgan_vanilla_arm_trains(prepared, tmp_path):
+    """studies/generation.yaml's vqgan-vanilla tokenizer settings validate and train: the paper's vanilla
+    VQGAN (CNN, full-dimension unnormalized codes, normal init, no restarts, one learning rate)."""
+    import yaml
+
+    from vim_core.config import apply_overrides
+
+    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / "generation.yaml").read_text())
+    model = {
+        k: v
+        for k, v in study["arms"]["vqgan-vanilla"]["overrides"].items()
+        if k.startswith("tokenizer.model.")
+    }
+    assert model == {
+        "tokenizer.model.arch": "cnn",
+        "tokenizer.model.code_dim": None,
+        "tokenizer.model.l2_normalize": False,
+        "tokenizer.model.codebook_init": "normal",
+        "tokenizer.model.dead_code_threshold": 0.0,
+        "tokenizer.model.codebook_lr_multiplier": 1.0,
+    }
+    raw = micro_params(prepared, steps=3)
+    raw["tokenizer"]["out_dir"] = str(tmp_path / "model")
+    raw["tokenizer"]["checkpoint_dir"] = str(tmp_path / "ckpt")
+    params = apply_overrides(
+        parse_params(raw), [f"{k}={yaml.safe_dump(v).strip()}" for k, v in model.items()]
+    )
+    cfg = params.tokenizer.model
+    assert (cfg.arch, cfg.code_dim, cfg.l2_normalize, cfg.codebook_init) == ("cnn", None, False, "normal")
+    run = train_tokenizer(
+        params.tokenizer, params.data.out_dir, seed=params.seed, plots_dir=tmp_path / "plots"
+    )
+    q = run.model.quantizer
+    assert run.metrics["steps"] == 3 and run.metrics["psnr"] > 0
+    assert isinstance(q.proj_in, torch.nn.Identity) and q.code_dim == cfg.cnn.z_channels
+    assert not q.l2_normalize and q.dead_code_threshold == 0.0
+    assert torch.isfinite(q.codebook).all()

@@ -170,11 +170,14 @@ class EvaluateSection(StrictModel):
 
 
 class PromotionConfig(StrictModel):
-    """How a challenger pipeline run is compared with the champion on the same evaluation."""
+    """How a challenger pipeline run is compared with the champion on the same evaluation.
 
-    metric: str = "fid_domain"
+    Promotion is a choice, so its metrics are validation-split ones (eval.json's *_val keys).
+    """
+
+    metric: str = "fid_domain_val"
     lower_is_better: bool = True
-    guard_metric: str | None = "class_accuracy"
+    guard_metric: str | None = "class_accuracy_val"
     guard_min: float = 0.9
 
 

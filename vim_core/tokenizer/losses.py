@@ -19,6 +19,18 @@ def to_laplace_space(x: torch.Tensor) -> torch.Tensor:
     return (x.float() + 1) / 2 * (1 - 2 * LAPLACE_EPS) + LAPLACE_EPS
 
 
+LOG_SCALE_FLOOR = -10.0
+
+
+def floor_log_scale(log_scale: torch.Tensor, floor: float = LOG_SCALE_FLOOR) -> torch.Tensor:
+    """log_scale clamped at `floor` in the forward pass, with the identity's gradient (straight-through).
+
+    The floor keeps exp(-log_scale) finite early in training; a hard clamp would also zero the gradient
+    below it, so a decoder output stuck there could never learn its way back up.
+    """
+    return log_scale + (log_scale.clamp(min=floor) - log_scale).detach()
+
+
 def logit_laplace_nll(loc: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean per-pixel negative log-likelihood of target ([-1, 1]) under a logit-Laplace(loc, exp(log_scale)).
 
@@ -26,7 +38,7 @@ def logit_laplace_nll(loc: torch.Tensor, log_scale: torch.Tensor, target: torch.
     """
     y = to_laplace_space(target)
     log_y, log_1my = torch.log(y), torch.log1p(-y)
-    log_scale = log_scale.float().clamp(min=-10.0)  # keeps exp(-log_scale) finite early in training
+    log_scale = floor_log_scale(log_scale.float())
     nll = (
         math.log(2)
         + log_scale

@@ -95,6 +95,20 @@ class PaletteTokenizer(UInt8Codec, nn.Module):
         return F.interpolate(small, size=(self.image_size, self.image_size), mode="nearest")
 
 
+def nearest_flops(n: int, k: int, c: int) -> int:
+    """Arithmetic of nearest() on n pixels, k colours, c channels: per (pixel, colour) c subtractions,
+    squares and additions, and one comparison for the minimum."""
+    return n * k * (3 * c + 1)
+
+
+def kmeans_flops(n: int, k: int, c: int, distance_passes: int, updates: int) -> int:
+    """Analytic FLOP count of fit_palette (torch's FlopCounterMode counts matmuls and convolutions, and
+    k-means is neither): k-means++ seeding (k one-colour distance passes, a cumulative sum and a running
+    minimum), then the Lloyd loop's k-colour distance passes and centroid updates (sums and divisions)."""
+    seeding = k * nearest_flops(n, 1, c) + (k - 1) * 2 * n
+    return seeding + distance_passes * nearest_flops(n, k, c) + updates * (n * c + k * c)
+
+
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: each next centre drawn with probability proportional to squared distance."""
     centers = [x[torch.randint(len(x), (1,), generator=gen).item()]]
@@ -130,9 +144,13 @@ def _update(x: torch.Tensor, assign: torch.Tensor, dist: torch.Tensor, k: int) -
 
 
 def fit_palette(
-    pixels: np.ndarray | torch.Tensor, clusters: int, seed: int, iters: int = 300
+    pixels: np.ndarray | torch.Tensor, clusters: int, seed: int, iters: int = 300, stats: dict | None = None
 ) -> torch.Tensor:
-    """k-means (k-means++ init, Lloyd until no assignment changes or `iters`) -> float32 (clusters, C)."""
+    """k-means (k-means++ init, Lloyd until no assignment changes or `iters`) -> float32 (clusters, C).
+
+    `stats`, when given, receives the Lloyd iterations run and the fit's FLOPs (kmeans_flops; the last
+    distance pass may find no change, and then no update follows it).
+    """
     x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.asarray(pixels))
     # Float32 values (the palette's precision), float64 arithmetic: sums of them are then exact.
     x = x.detach().cpu().float().double()
@@ -141,12 +159,18 @@ def fit_palette(
     gen = torch.Generator().manual_seed(seed)
     centers = _kmeans_pp(x, clusters, gen).float().double()
     assign = None
+    distance_passes, updates = 0, 0
     for _ in range(iters):
         new, dist = nearest(x, centers)
+        distance_passes += 1
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
         centers = _update(x, assign, dist, clusters)
+        updates += 1
+    if stats is not None:
+        stats["lloyd_iterations"] = distance_passes
+        stats["flops"] = kmeans_flops(len(x), clusters, x.shape[1], distance_passes, updates)
     return centers.float()
 
 
@@ -178,8 +202,13 @@ def _sample_pixels(model: PaletteTokenizer, data_root: str | Path, limit: int, s
     return pixels[0]
 
 
-def fit_palette_tokenizer(cfg: TokenizerModelConfig, data_root: str | Path, seed: int) -> PaletteTokenizer:
-    """Fit the palette of an arch-"palette" config on the train split of a prepared dataset."""
+def fit_palette_tokenizer(
+    cfg: TokenizerModelConfig, data_root: str | Path, seed: int, stats: dict | None = None
+) -> PaletteTokenizer:
+    """Fit the palette of an arch-"palette" config on the train split of a prepared dataset.
+
+    `stats`, when given, receives fit_palette's stats and the number of pixels fitted.
+    """
     if cfg.arch != "palette":
         raise ValueError(f"fit_palette_tokenizer needs tokenizer.model.arch palette, got {cfg.arch!r}")
     manifest = read_manifest(data_root)
@@ -188,5 +217,7 @@ def fit_palette_tokenizer(cfg: TokenizerModelConfig, data_root: str | Path, seed
     pixels = _sample_pixels(model, data_root, cfg.palette_fit_pixels, seed)
     if len(pixels) == 0:
         raise VimError(f"{data_root}: the train split holds no images to fit a palette on")
-    model.palette.copy_(fit_palette(pixels, cfg.palette_clusters, seed))
+    model.palette.copy_(fit_palette(pixels, cfg.palette_clusters, seed, stats=stats))
+    if stats is not None:
+        stats["pixels"] = len(pixels)
     return model

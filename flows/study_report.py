@@ -1,0 +1,401 @@
+"""The study report, reports/<study>.{json,md,png}: per-arm mean and sd over seeds, each compared pair's
+difference with its 95% Welch interval and a verdict, each arm's sampling choice, and the FLOP budgets.
+
+Built from `dvc exp show`'s results (name -> params and metrics), so it can be rebuilt without rerunning.
+"""
+
+import datetime as dt
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+from flows.study_spec import MetricSpec, StudySpec
+from flows.study_stats import LEVEL, METHOD, compare_arms, pairs, summarize
+from vim_core.errors import VimError
+from vim_core.io import atomic_write_text
+
+METRIC_FILES = {
+    "tokenizer": "metrics/tokenizer.json",
+    "transformer": "metrics/transformer.json",
+    "eval": "metrics/eval.json",
+}
+# What this module writes; a committed report without "protocol", or with one starting "old", predates it.
+PROTOCOL = "val-tuned sampling per arm; Welch 95% CI over seeds with a verdict"
+# The sampling each run chose on the validation split (eval.json), shown per arm and seed.
+CHOSEN = (
+    "chosen_cfg_scale",
+    "chosen_temperature",
+    "chosen_top_k",
+    "chosen_top_p",
+    "chosen_temperature_uncond",
+    "chosen_top_k_uncond",
+    "chosen_top_p_uncond",
+)
+
+
+def lookup(data: dict, key: str):
+    """data[key], or a nested value by dotted path (probe_test_accuracy_by_block.2)."""
+    if key in data:
+        return data[key]
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def is_conditional(params: dict | None) -> bool | None:
+    """Whether a run's VIM is class-conditional, from its params.yaml; None when they do not say."""
+    from vim_core.config.transformer import PRESETS
+
+    model = ((params or {}).get("transformer") or {}).get("model")
+    if isinstance(model, dict):
+        return int(model.get("num_classes") or 0) > 0
+    if isinstance(model, str) and model in PRESETS:
+        return PRESETS[model].num_classes > 0
+    return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _arm(spec: StudySpec, arm: str, runs: list, exps: dict) -> dict:
+    per_run = [exps[r.name]["metrics"] for r in runs]
+    flags = {is_conditional(exps[r.name].get("params")) for r in runs}
+    conditional = False if flags == {False} else (True if flags == {True} else None)
+    metrics = {}
+    for m in spec.metrics:
+        if m.conditional and conditional is False:
+            continue  # an unconditional VIM has no class-conditional numbers, whatever its eval.json holds
+        values = [lookup(pm.get(METRIC_FILES[m.source]) or {}, m.key) for pm in per_run]
+        if values and all(_number(v) for v in values):
+            metrics[m.key] = summarize([float(v) for v in values])
+    budget = {}
+    for source in ("tokenizer", "transformer"):
+        for key in ("train_flops", "steps", "flops_per_step"):
+            values = [(pm.get(METRIC_FILES[source]) or {}).get(key) for pm in per_run]
+            if values and all(_number(v) for v in values):
+                budget[f"{source}_{key}"] = summarize([float(v) for v in values])
+    evals = [pm.get(METRIC_FILES["eval"]) or {} for pm in per_run]
+    sampling = {k: [e.get(k) for e in evals] for k in CHOSEN if any(k in e for e in evals)}
+    chosen_on = sorted({str(s) for e in evals if (s := lookup(e, "definitions.generation.settings"))})
+    tok = [pm.get(METRIC_FILES["tokenizer"]) or {} for pm in per_run]
+    return {
+        "description": spec.arms[arm].description,
+        "overrides": {**spec.overrides, **spec.arms[arm].overrides},
+        "seeds": [r.seed for r in runs],
+        "experiments": [r.name for r in runs],
+        "conditional": conditional,
+        "tokenizer_train_flops": budget.get("tokenizer_train_flops", {}).get("mean"),
+        "tokenizer_flops_definition": next(
+            (t["flops_definition"] for t in tok if "flops_definition" in t), None
+        ),
+        "transformer_train_flops": budget.get("transformer_train_flops", {}).get("mean"),
+        "budget": budget,
+        "sampling": {"per_seed": sampling, "chosen_on": chosen_on},
+        "metrics": metrics,
+    }
+
+
+def build_report(
+    spec: StudySpec, exps: dict[str, dict], study_file: str, partial: bool = False, cwd: Path | None = None
+) -> dict:
+    """The report of every finished run; with partial, unfinished runs are listed as missing, not an error."""
+    missing = [r.name for r in spec.runs() if r.name not in exps]
+    if missing and not partial:
+        raise VimError(f"no finished experiment for {missing}; run the study first (or --partial)")
+    arms = {}
+    for arm in spec.arms:
+        runs = [r for r in spec.runs() if r.arm == arm and r.name in exps]
+        if runs:
+            arms[arm] = _arm(spec, arm, runs, exps)
+    compare = [a for a in spec.compare if a in arms]
+    return {
+        "study": spec.name,
+        "title": spec.title,
+        "question": spec.question,
+        "protocol": PROTOCOL,
+        "study_file": study_file,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git(cwd, "rev-parse", "HEAD") if cwd else None,  # the experiments' baseline commit
+        "machine": _machine(),
+        "compare": compare,
+        "missing_runs": missing,
+        "arms": arms,
+        "comparison": comparison(spec, arms, compare),
+        "paper": spec.paper,
+        "notes": spec.notes,
+    }
+
+
+def comparison(spec: StudySpec, arms: dict, compare: list[str]) -> dict:
+    """Each compared pair's per-metric difference, 95% interval and verdict (study_stats)."""
+    directions = {m.key: m.better for m in spec.metrics}
+    out = []
+    for a, b in pairs(compare):
+        values = {arm: {k: s["values"] for k, s in arms[arm]["metrics"].items()} for arm in (a, b)}
+        out.append({"a": a, "b": b, "metrics": compare_arms(a, b, values[a], values[b], directions)})
+    return {"method": METHOD, "level": LEVEL, "pairs": out} if out else {}
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _fmt(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    digits = 3 if abs(stat["mean"]) < 100 else 1  # the sd with the mean's precision
+    if stat["n"] < 2:
+        return f"{stat['mean']:.{digits}f} (n=1)"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f} (n={stat['n']})"
+
+
+def _sci(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _seq(values: list) -> str:
+    return ", ".join("-" if v is None else f"{v:g}" if _number(v) else str(v) for v in values)
+
+
+def _label(m: MetricSpec) -> str:
+    arrow = {"lower": " (lower is better)", "higher": " (higher is better)", None: ""}[m.better]
+    return f"{m.label or m.key}{arrow}"
+
+
+def render_markdown(report: dict, spec: StudySpec) -> str:
+    arms = list(report["arms"])
+    paper_arms = [a for a in arms if a in report["paper"]]
+    lines = [f"# {report['title']}", ""]
+    if report["question"]:
+        lines += [report["question"], ""]
+    lines += [
+        f"Study `{report['study']}` ({report['study_file']}), commit `{(report['git_commit'] or '?')[:12]}`, "
+        f"{report['created']}, {report['machine']}. Each cell: mean ± sample standard deviation over seeds "
+        '(n = seeds); every seed\'s value is in the JSON. "-": the arm has no such number (an '
+        "unconditional VIM has no class-conditional rows).",
+        "",
+    ]
+    if report["missing_runs"]:
+        lines += [f"**Partial report: not run yet: {', '.join(report['missing_runs'])}.**", ""]
+    lines += [
+        "| metric | " + " | ".join(arms) + "".join(f" | paper: {a}" for a in paper_arms) + " |",
+        "|---" * (1 + len(arms) + len(paper_arms)) + "|",
+    ]
+    for m in spec.metrics:
+        row = [_label(m)] + [_fmt(report["arms"][a]["metrics"].get(m.key)) for a in arms]
+        row += [str(report["paper"][a].get(m.key, "-")) for a in paper_arms]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += _comparison_lines(report, spec)
+    lines += _sampling_lines(report)
+    lines += _budget_lines(report)
+    lines += ["", "Arms:", ""]
+    for a in arms:
+        ov = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in report["arms"][a]["overrides"].items()) or "none"
+        lines.append(f"- `{a}`: {report['arms'][a]['description']} Overrides: {ov}.")
+    if report["paper"]:
+        lines += [
+            "",
+            "Paper figures: " + "; ".join(f"{a}: {p.get('source', '')}" for a, p in report["paper"].items()),
+        ]
+    for note in report["notes"]:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(report: dict, spec: StudySpec) -> list[str]:
+    if not report["comparison"]:
+        return []
+    labels = {m.key: m.label or m.key for m in spec.metrics}
+    lines = [
+        "",
+        f"Differences between arms: {report['comparison']['method']}. A verdict names the better arm when "
+        "the interval excludes 0, in the metric's direction; metrics without a direction get none.",
+    ]
+    for pair in report["comparison"]["pairs"]:
+        a, b = pair["a"], pair["b"]
+        lines += [
+            "",
+            f"`{a}` against `{b}`:",
+            "",
+            f"| metric | {a} − {b} | 95% CI | verdict |",
+            "|---|---|---|---|",
+        ]
+        for key, c in pair["metrics"].items():
+            ci = c["ci_note"] if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+            lines.append(f"| {labels[key]} | {c['diff']:+.3f} | {ci} | {c['verdict'] or '-'} |")
+    return lines
+
+
+def _sampling_lines(report: dict) -> list[str]:
+    rows = [(a, d["sampling"]) for a, d in report["arms"].items() if d["sampling"]["per_seed"]]
+    if not rows:
+        return []
+    keys = [k for k in CHOSEN if any(k in s["per_seed"] for _, s in rows)]
+    lines = [
+        "",
+        "Sampling chosen by each run's own search (one value per seed, in seed order):",
+        "",
+        "| arm | seeds | " + " | ".join(keys) + " | chosen on |",
+        "|---" * (3 + len(keys)) + "|",
+    ]
+    for a, s in rows:
+        cells = [_seq(s["per_seed"].get(k, [])) or "-" for k in keys]
+        on = "; ".join(s["chosen_on"]) or "-"
+        lines.append(f"| {a} | {report['arms'][a]['seeds']} | " + " | ".join(cells) + f" | {on} |")
+    return lines
+
+
+def _budget_lines(report: dict) -> list[str]:
+    lines = [
+        "",
+        "Training budget (mean over seeds; FLOPs of gradient steps counted by torch's FlopCounterMode):",
+        "",
+    ]
+    lines += [
+        "| arm | seeds | tokenizer FLOPs | tokenizer steps | VIM FLOPs | VIM steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for a, d in report["arms"].items():
+        b = d["budget"]
+        lines.append(
+            f"| {a} | {d['seeds']} | {_sci(b.get('tokenizer_train_flops', {}).get('mean'))} | "
+            f"{_sci(b.get('tokenizer_steps', {}).get('mean'))} | "
+            f"{_sci(b.get('transformer_train_flops', {}).get('mean'))} | "
+            f"{_sci(b.get('transformer_steps', {}).get('mean'))} |"
+        )
+        if d.get("tokenizer_flops_definition"):
+            notes.append(f"`{a}` tokenizer FLOPs: {d['tokenizer_flops_definition']}.")
+    return lines + (["", *notes] if notes else [])
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def render_plot(report: dict, spec: StudySpec, path: Path) -> bool:
+    """One panel per metric: each arm's seeds as dots and their mean as a bar; False when nothing to plot."""
+    shown = [m for m in spec.metrics if any(m.key in a["metrics"] for a in report["arms"].values())]
+    if not shown:  # a partial report before any run finished
+        return False
+    plt = _pyplot()
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    arms = list(report["arms"])
+    for ax, m in zip(axes.flat, shown, strict=False):
+        for i, arm in enumerate(arms):
+            stat = report["arms"][arm]["metrics"].get(m.key)
+            if stat:
+                ax.bar(i, stat["mean"], color=f"C{i}", alpha=0.5)
+                ax.scatter([i] * len(stat["values"]), stat["values"], color=f"C{i}", s=12, zorder=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=20, fontsize=7)
+        arrow = {"lower": " ↓", "higher": " ↑", None: ""}[m.better]
+        ax.set_title((m.label or m.key) + arrow, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    fig.suptitle(report["title"], fontsize=9)
+    _save_figure(fig, path)
+    return True
+
+
+def curves(spec: StudySpec) -> dict[str, list[tuple[int, MetricSpec]]]:
+    """Metrics indexed by position (`probe_test_accuracy_by_block.2`), grouped into curves by their prefix."""
+    out: dict[str, list[tuple[int, MetricSpec]]] = {}
+    for m in spec.metrics:
+        prefix, _, index = m.key.rpartition(".")
+        if prefix and index.isdigit():
+            out.setdefault(prefix, []).append((int(index), m))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items() if len(v) > 1}
+
+
+def render_curves(report: dict, spec: StudySpec, path: Path) -> bool:
+    """One panel per curve (the probe over depth): each arm's mean with its seeds' range, per index."""
+    groups = curves(spec)
+    if not groups:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, (prefix, points) in zip(axes.flat, groups.items(), strict=True):
+        for i, (arm, data) in enumerate(report["arms"].items()):
+            stats = [(x, data["metrics"].get(m.key)) for x, m in points]
+            stats = [(x, s) for x, s in stats if s]
+            if not stats:
+                continue
+            xs = [x for x, _ in stats]
+            ax.plot(xs, [s["mean"] for _, s in stats], marker="o", color=f"C{i}", label=arm)
+            lo = [min(s["values"]) for _, s in stats]
+            hi = [max(s["values"]) for _, s in stats]
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_xticks([x for x, _ in points])
+        ax.set_xlabel("index (0-based)", fontsize=8)
+        ax.set_title(prefix, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(report["title"] + " (line: mean over seeds; band: the seeds' range)", fontsize=9)
+    _save_figure(fig, path)
+    return True
+
+
+def check_replaceable(out_dir: Path, name: str, replace_old: bool) -> None:
+    """Refuse to overwrite a committed report of the old protocol unless asked (--replace-old)."""
+    path = out_dir / f"{name}.json"
+    if replace_old or not path.exists():
+        return
+    try:
+        protocol = json.loads(path.read_text()).get("protocol")
+    except (ValueError, AttributeError):
+        protocol = None
+    if protocol is None or str(protocol).startswith("old"):
+        raise VimError(
+            f"{path} is a report of the old protocol ({protocol or 'unmarked'}); pass --replace-old to "
+            "overwrite it, or --out-dir to write elsewhere"
+        )
+
+
+def write_report(
+    spec: StudySpec,
+    exps: dict[str, dict],
+    study_file: str,
+    out_dir: Path,
+    partial: bool = False,
+    cwd: Path | None = None,
+) -> dict:
+    report = build_report(spec, exps, study_file, partial, cwd)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / f"{spec.name}.md", render_markdown(report, spec))
+    render_plot(report, spec, out_dir / f"{spec.name}.png")
+    render_curves(report, spec, out_dir / f"{spec.name}_curves.png")
+    return report
