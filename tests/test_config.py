@@ -184,6 +184,8 @@ def test_check_params_agrees_with_dvc_yaml(tmp_path):
     res = _vim("check-params", str(partial))
     assert res.returncode == 2, res.stdout
     assert res.stderr.strip().splitlines() == [
+        f"error: {partial}: evaluate.classifier: missing; dvc.yaml's stage train_classifier reads it",
+        f"error: {partial}: evaluate.classifier_dir: missing; dvc.yaml's stage train_classifier reads it",
         f"error: {partial}: evaluate: missing; dvc.yaml's stage evaluate reads it",
         f"error: {partial}: transformer.sampling: missing; dvc.yaml's stage evaluate reads it",
     ]
