@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.test_transformer_stage import stage2_params
@@ -210,3 +211,73 @@ def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path
     assert out["fid_domain_uncond_val"] == ubest["fid_domain"]
     assert out["timings_seconds"]["sampling_search"] > 0
     assert eval_config_hash(parse_params(raw)) != eval_config_hash(eval_params)
+
+
+def _with_noise_for_test_pixels(src, dst) -> None:
+    """A copy of a prepared dataset whose test images are uniform noise; train and val shards untouched."""
+    import shutil
+
+    import numpy as np
+
+    from vim_core.io import sha256_file
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    rng = np.random.default_rng(0)
+    for shard in manifest["splits"]["test"]["shards"]:
+        path = dst / shard["file"]
+        with np.load(path) as npz:
+            images, labels = npz["images"], npz["labels"]
+        noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, images=noise, labels=labels)
+        shard["sha256"] = sha256_file(path)
+    shas = [s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]]
+    manifest["version"] = hashlib.sha256(json.dumps(shas).encode()).hexdigest()[:16]
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_swapping_the_test_pixels_moves_no_choice(eval_params, tmp_path):
+    """Issue 23's acceptance: the sampling choice, the probe's block and weight decays and the classifiers
+    depend on train and val only. Replace every test image by noise: no choice moves, the scores do."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    original = Path(eval_params.data.out_dir)
+    swapped = tmp_path / "swapped"
+    _with_noise_for_test_pixels(original, swapped)
+    search = {"cfg_scales": [1.0, 3.0], "temperatures": [0.7, 1.0], "top_ps": [None, 0.9], "samples": 20}
+
+    def run(data_dir: Path, name: str) -> tuple[dict, dict, dict]:
+        raw = eval_params.model_dump(mode="json")
+        raw["data"]["out_dir"] = str(data_dir)
+        raw["evaluate"].update(sampling_search={**search, "reference_images": 30})
+        raw["evaluate"]["classifier_dir"] = str(tmp_path / name / "classifier")
+        params = parse_params(raw)
+        report = fit_classifiers(params.evaluate.classifier, data_dir, params.evaluate.classifier_dir)
+        out = evaluate(params, plots_dir=tmp_path / name / "plots")
+        weights = {
+            f: safetensors.torch.load_file(Path(params.evaluate.classifier_dir) / f)
+            for f in ("classifier.safetensors", "scorer.safetensors")
+        }
+        choice = {k: out[k] for k in CHOICE_KEYS}
+        choice.update(
+            search=out["definitions"]["sampling_search"],
+            probe_block=out["probe_block"],
+            probe_weight_decays=out["probe_weight_decays"],
+            probe_val_accuracy_by_block=out["probe_val_accuracy_by_block"],
+            classifier_weight_decay=report["classifier_weight_decay"],
+            classifier_val_accuracy=report["classifier_val_accuracy"],
+        )
+        return choice, weights, out
+
+    before, weights_before, scored_before = run(original, "original")
+    after, weights_after, scored_after = run(swapped, "swapped")
+    assert after == before
+    for name, tensors in weights_before.items():
+        assert tensors.keys() == weights_after[name].keys()
+        assert all(torch.equal(t, weights_after[name][k]) for k, t in tensors.items()), name
+    # the test split did change: what it scores moved
+    assert scored_after["fid_domain"] != scored_before["fid_domain"]
+    assert scored_after["probe_accuracy"] != scored_before["probe_accuracy"]
