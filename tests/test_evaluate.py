@@ -281,3 +281,19 @@ def test_swapping_the_test_pixels_moves_no_choice(eval_params, tmp_path):
     # the test split did change: what it scores moved
     assert scored_after["fid_domain"] != scored_before["fid_domain"]
     assert scored_after["probe_accuracy"] != scored_before["probe_accuracy"]
+
+
+def test_the_served_defaults_are_the_settings_the_search_picked():
+    from flows.publish import sampling_defaults
+    from vim_core.config import Params
+
+    params = apply_overrides(Params(), ["transformer.sampling.top_k=32"])
+    picked = {"cfg_scale": 2.0, "temperature": 0.9, "top_k": None, "top_p": 0.95}
+    served = sampling_defaults(params, picked)
+    assert (served["cfg_scale"], served["temperature"], served["top_k"], served["top_p"]) == (
+        2.0,
+        0.9,
+        0,
+        0.95,
+    )
+    assert sampling_defaults(params)["top_k"] == 32  # no search: the params' own
