@@ -269,8 +269,9 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
     gen = mlflow.pyfunc.load_model("models:/vim-generator@champion")
     sig = gen.metadata.signature
     defaults = {p.name: p.default for p in sig.params.params}
-    # the sampling evaluate used: the guidance scale its search picked on train images, from eval.json
-    picked = json.loads((orch.repo / "metrics" / "eval.json").read_text())["definitions"]["sampling_search"]
+    # the sampling evaluate used: the guidance scale its search picked on val images, from eval.json
+    search = json.loads((orch.repo / "metrics" / "eval.json").read_text())["definitions"]["sampling_search"]
+    picked = search["conditional"]
     assert picked["cfg_scale"] in (1.0, 3.0) and defaults["cfg_scale"] == picked["cfg_scale"]
     assert defaults["top_k"] == 0 and defaults["seed"] == 0
     assert [c.name for c in sig.outputs.inputs] == ["class_id", "image_png"]

@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 
 def eval_config_spec(params: Params) -> dict:
     """What decides what an eval metric means: the eval and sampling settings (not where files live) and
-    the version of the test data."""
+    the version of the prepared data (all three splits). Not the run's seed: runs of several seeds compare."""
     # probes/sampling only skip metrics; they change the meaning of none that is present
     skip = {"classifier_dir", "weights_dir", "probes", "sampling"}
     evaluate = params.evaluate.model_dump(mode="json", exclude=skip)
-    if evaluate["sampling_search"] is None:  # as before the search existed, so older hashes still match
+    if evaluate["sampling_search"] is None:  # left out when off, as before the search existed
         del evaluate["sampling_search"]
     return {
         "evaluate": evaluate,
