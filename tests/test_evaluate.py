@@ -71,6 +71,7 @@ def test_evaluate_reports_every_metric_with_its_definition(eval_params, tmp_path
         and d["rejection"]["candidates"] == 80
     )
     assert "vim-domain" in json.dumps(d["torch_fidelity"])
+    assert d["torch_fidelity"]["classifier_test_accuracy"] == d["domain_metrics"]["classifier_test_accuracy"]
     assert d["rejection"]["scorer"].endswith("scorer.safetensors")  # not the classifier FID is built on
     assert d["domain_metrics"]["classifier"].endswith("classifier.safetensors")
     assert (

@@ -66,10 +66,16 @@ def fit_classifiers(cfg: ClassifierConfig, data_root: str | Path, out_dir: str |
             "test_images": len(test[0]),
         },
     }
+    roles = (
+        (CLASSIFIER, model, report, out["classifier_test_accuracy"]),
+        (SCORER, scorer, scorer_report, out["scorer_test_accuracy"]),
+    )
     with atomic_dir(out_dir) as tmp:
-        for name, m, r in ((CLASSIFIER, model, report), (SCORER, scorer, scorer_report)):
+        for name, m, r, test_accuracy in roles:
             r = {**r, "val_accuracy": r.pop("test_accuracy"), "role": name.split(".")[0]}
-            save_classifier(m, str(tmp / name), extra={**common, "report": r})
+            # test_accuracy: what fidelity's definitions quote; scored after the choice
+            extra = {**common, "test_accuracy": test_accuracy, "report": r}
+            save_classifier(m, str(tmp / name), extra=extra)
         (tmp / "report.json").write_text(json.dumps(out, indent=2, sort_keys=True))
     return out
 
