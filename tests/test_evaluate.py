@@ -100,6 +100,12 @@ def test_evaluate_needs_the_trained_classifiers_and_a_val_split(eval_params, tmp
     elsewhere = apply_overrides(eval_params, [f"evaluate.classifier_dir={tmp_path / 'none'}"])
     with pytest.raises(VimError, match="no trained classifiers; run the train_classifier stage first"):
         evaluate(elsewhere, plots_dir=tmp_path)
+    no_val = apply_overrides(
+        eval_params, [f"data.out_dir={tmp_path / 'no-val'}", "data.val_fraction=0", "data.max_images=200"]
+    )
+    prepare(no_val.data)
+    with pytest.raises(VimError, match=r"no-val: no val split to make the evaluation's choices on"):
+        evaluate(no_val, plots_dir=tmp_path)
 
 
 def test_skip_switches_leave_out_their_metrics(eval_params, tmp_path):
