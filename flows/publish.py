@@ -87,18 +87,19 @@ def model_files(params: Params) -> dict[str, str]:
 def sampling_defaults(params: Params, used: dict | None = None) -> dict:
     """The sampling options the evaluate stage used; the generator's defaults (0 / 1.0 switch top-k/p off).
 
-    `used`: eval.json's definitions.generation, whose guidance scale and temperature are those that
-    evaluate.sampling_search picked, when it is on; params alone give them otherwise.
+    `used`: eval.json's definitions.generation, whose guidance scale, temperature, top-k and top-p are
+    those that evaluate.sampling_search picked on val, when it is on; params alone give them otherwise.
     """
     s = params.transformer.sampling
     cfg = params.evaluate.cfg_scale if params.evaluate.cfg_scale is not None else s.cfg_scale
-    temperature = s.temperature
+    temperature, top_k, top_p = s.temperature, s.top_k, s.top_p
     if used:
         cfg, temperature = used.get("cfg_scale", cfg), used.get("temperature", temperature)
+        top_k, top_p = used.get("top_k", top_k), used.get("top_p", top_p)
     return {
         "temperature": float(temperature),
-        "top_k": int(s.top_k or 0),
-        "top_p": float(s.top_p if s.top_p is not None else 1.0),
+        "top_k": int(top_k or 0),
+        "top_p": float(top_p if top_p is not None else 1.0),
         "cfg_scale": float(cfg),
         "seed": int(s.seed),
         "batch_size": int(s.batch_size),

@@ -27,7 +27,8 @@ def test_reaches_098_on_embedded_test_split(trained, mnist_splits):
     (_, _), (xt, yt) = mnist_splits
     print(f"domain classifier: {report}")
     assert report["test_accuracy"] >= 0.98
-    assert report["train_images"] == 9021 and report["test_images"] == 979
+    # the train split less the val split (data.val_fraction 0.1); the test split is as before
+    assert report["train_images"] == len(mnist_splits[0][0]) < 8200 and report["test_images"] == 979
     assert class_accuracy(model, xt, yt) == pytest.approx(report["test_accuracy"])
     # Against a label permutation it must be near chance: the accuracy is about the labels, not the images.
     assert class_accuracy(model, xt, (yt + 1) % 10) < 0.05
@@ -84,3 +85,29 @@ def test_architecture_follows_image_size(channels, size):
     assert model.features(x).shape == (2, 128)
     pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in model.convs)
     assert size // 2**pools <= 4 < size // 2 ** (pools - 1)  # halved just far enough to reach 4x4
+
+
+def test_the_stage_trains_two_classifiers_and_picks_wd_on_val(tmp_path):
+    """train_classifier's work: the weight decay by val accuracy, an independent scorer, one-line errors."""
+    from vim_core.config import DataConfig
+    from vim_core.config.pipeline import ClassifierConfig
+    from vim_core.data.prepare import prepare
+    from vim_core.eval.classifier_stage import fit_classifiers, load_trained
+
+    data = DataConfig(out_dir=str(tmp_path / "data"), max_images=800)
+    prepare(data)
+    cfg = ClassifierConfig(epochs=1, weight_decays=[0.0, 0.5])
+    report = fit_classifiers(cfg, data.out_dir, tmp_path / "clf")
+    assert (
+        report["classifier_weight_decay"] in (0.0, 0.5)
+        and "by val accuracy" in report["definitions"]["weight_decay"]
+    )
+    clf_path, scorer_path, again = load_trained(tmp_path / "clf", data.out_dir)
+    clf, scorer = load_classifier(clf_path)[0], load_classifier(scorer_path)[0]
+    assert (clf.spec["width"], scorer.spec["width"]) == (32, 48) and again == report
+    assert load_classifier(scorer_path)[1]["report"]["seed"] == 1
+    prepare(data.model_copy(update={"max_images": 700}))  # other data: the classifiers no longer apply
+    with pytest.raises(VimError, match="trained on data .*rerun train_classifier"):
+        load_trained(tmp_path / "clf", data.out_dir)
+    with pytest.raises(ValueError, match="own scorer_seed and scorer_width"):
+        ClassifierConfig(scorer_seed=0)

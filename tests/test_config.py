@@ -24,6 +24,8 @@ def test_committed_params_are_valid():
         ({"data": {"image_size": "big"}}, "data.image_size", "valid integer"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "less than 1"),
         ({"data": {"channels": 2}}, "data.channels", "1 or 3"),
+        ({"data": {"val_fraction": -0.1}}, "data.val_fraction", "greater than or equal to 0"),
+        ({"data": {"test_fraction": 0.5, "val_fraction": 0.5}}, "data", "leaves no train split"),
         ({"data": {"source": {"kind": "image_folder"}}}, "data.source", "url is required"),
         (
             {"data": {"source": {"kind": "embedded_mnist", "url": "s3://x/y"}}},
@@ -182,6 +184,8 @@ def test_check_params_agrees_with_dvc_yaml(tmp_path):
     res = _vim("check-params", str(partial))
     assert res.returncode == 2, res.stdout
     assert res.stderr.strip().splitlines() == [
+        f"error: {partial}: evaluate.classifier: missing; dvc.yaml's stage train_classifier reads it",
+        f"error: {partial}: evaluate.classifier_dir: missing; dvc.yaml's stage train_classifier reads it",
         f"error: {partial}: evaluate: missing; dvc.yaml's stage evaluate reads it",
         f"error: {partial}: transformer.sampling: missing; dvc.yaml's stage evaluate reads it",
     ]

@@ -44,9 +44,11 @@ def make_folder(root: Path, mnist, per_class: int = 6, classes=(0, 1, 2)) -> Pat
 
 def test_embedded_mnist_counts_split_and_determinism(tmp_path):
     report = prepare(_cfg(tmp_path))
-    assert report.counts["train"] + report.counts["test"] == 10_000
-    assert 800 < report.counts["test"] < 1200
+    assert report.counts["train"] + report.counts["val"] + report.counts["test"] == 10_000
+    assert 800 < report.counts["test"] < 1200 and 800 < report.counts["val"] < 1200
     manifest = read_manifest(tmp_path / "out")
+    assert (manifest["test_fraction"], manifest["val_fraction"]) == (0.1, 0.1)
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == report.counts
     assert manifest["num_classes"] == 10 and manifest["image_size"] == 32
     x, y = load_split(tmp_path / "out", "test")
     assert x.shape == (report.counts["test"], 1, 32, 32) and x.dtype == np.uint8
@@ -62,6 +64,30 @@ def test_split_is_a_function_of_key_and_seed():
     assert 300 < len(test) < 500
     assert test == [k for k in keys if split_of(k, 0, 0.2) == "test"]
     assert test != [k for k in keys if split_of(k, 1, 0.2) == "test"]
+
+
+def test_val_is_carved_from_train_and_leaves_test_alone():
+    keys = [f"k{i}" for i in range(4000)]
+    without = {k: split_of(k, 0, 0.1) for k in keys}
+    with_val = {k: split_of(k, 0, 0.1, 0.15) for k in keys}
+    assert [k for k in keys if with_val[k] == "test"] == [k for k in keys if without[k] == "test"]
+    val = [k for k in keys if with_val[k] == "val"]
+    assert 450 < len(val) < 750 and all(without[k] == "train" for k in val)
+    assert set(with_val.values()) == {"train", "val", "test"}
+
+
+def test_val_split_on_disk_is_disjoint_and_empty_val_is_one_line(tmp_path, mnist):
+    prepare(_cfg(tmp_path, max_images=600))
+    root = tmp_path / "out"
+    rows = {s: {x.tobytes() for x in load_split(root, s)[0]} for s in ("train", "val", "test")}
+    assert all(rows.values()) and not (rows["val"] & rows["test"]) and not (rows["val"] & rows["train"])
+    src = make_folder(tmp_path / "src", mnist)
+    tiny = {"source": {"kind": "image_folder", "url": str(src)}, "test_fraction": 0.5, "val_fraction": 0.001}
+    with pytest.raises(VimError, match=r"^source .*: the val split is empty \(18 usable images\)$"):
+        prepare(_cfg(tmp_path / "tiny", **tiny))
+    # val_fraction 0: no val split at all (evaluation then refuses to choose)
+    report = prepare(_cfg(tmp_path / "noval", max_images=200, val_fraction=0.0))
+    assert "val" not in report.counts
 
 
 def test_iter_batches_shuffles_and_splits_ranks(tmp_path):
@@ -83,7 +109,7 @@ def test_image_folder_modes_sizes_and_labels(tmp_path, mnist):
     report = prepare(
         _cfg(tmp_path, source={"kind": "image_folder", "url": str(src)}, test_fraction=0.3, fit="center_crop")
     )
-    assert report.counts["train"] + report.counts["test"] == 18
+    assert sum(report.counts.values()) == 18
     manifest = report.manifest
     assert manifest["class_names"] == ["digit0", "digit1", "digit2"]
     x, y = load_split(tmp_path / "out", "train")
@@ -112,7 +138,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, mnist):
     (src / "digit1" / "garbage.jpg").write_bytes(b"not an image at all")
     report = prepare(_cfg(tmp_path, source={"kind": "image_folder", "url": str(src)}, max_bad_fraction=0.1))
     assert report.skipped == 2
-    assert report.counts["train"] + report.counts["test"] == 30
+    assert sum(report.counts.values()) == 30
 
 
 def test_too_many_corrupt_images_fail_and_keep_old_output(tmp_path, mnist):
@@ -170,7 +196,7 @@ def make_tars(root: Path, mnist, layout: str, n: int = 40) -> Path:
 def test_tar_shards(tmp_path, mnist, layout):
     src = make_tars(tmp_path / "tars", mnist, layout)
     report = prepare(_cfg(tmp_path, source={"kind": "tar_shards", "url": str(src)}, test_fraction=0.25))
-    assert report.counts["train"] + report.counts["test"] == 80
+    assert sum(report.counts.values()) == 80
     x, y = load_split(tmp_path / "out", "train")
     # labels survive the trip: the mean image of each class matches the source's
     images, labels = mnist

@@ -155,7 +155,10 @@ def test_tokenizer_and_transformer_models(logged, micro):
 
 def test_stage_params_are_the_sections_dvc_yaml_names(micro):
     got = stage_params(micro, "evaluate", REPO / "dvc.yaml")
-    assert set(got) == {"evaluate", "transformer"} and set(got["transformer"]) == {"sampling", "probe"}
+    assert set(got) == {"seed", "evaluate", "transformer"} and set(got["transformer"]) == {
+        "sampling",
+        "probe",
+    }
     assert got["transformer"]["sampling"]["top_k"] == 32
     assert set(stage_params(micro, "train_tokenizer", REPO / "dvc.yaml")) == {"seed", "tokenizer"}
     assert stage_params(micro, "no_such_stage", REPO / "dvc.yaml") == micro.model_dump(mode="json")

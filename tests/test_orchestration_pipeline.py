@@ -27,7 +27,14 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 NAMES = ("vit-vqgan", "vim-transformer", "vim-generator")
-STAGES = ("prepare_data", "train_tokenizer", "tokenize_dataset", "pretrain_transformer", "evaluate")
+STAGES = (
+    "prepare_data",
+    "train_classifier",
+    "train_tokenizer",
+    "tokenize_dataset",
+    "pretrain_transformer",
+    "evaluate",
+)
 MICRO_VIT = {"blocks": 1, "heads": 2, "dim": 32, "mlp_dim": 64}
 MICRO_VIM = {"layers": 2, "heads": 2, "dim": 32, "mlp_dim": 64, "num_classes": 10, "dropout": 0.0}
 
@@ -262,8 +269,9 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
     gen = mlflow.pyfunc.load_model("models:/vim-generator@champion")
     sig = gen.metadata.signature
     defaults = {p.name: p.default for p in sig.params.params}
-    # the sampling evaluate used: the guidance scale its search picked on train images, from eval.json
-    picked = json.loads((orch.repo / "metrics" / "eval.json").read_text())["definitions"]["sampling_search"]
+    # the sampling evaluate used: the guidance scale its search picked on val images, from eval.json
+    search = json.loads((orch.repo / "metrics" / "eval.json").read_text())["definitions"]["sampling_search"]
+    picked = search["conditional"]
     assert picked["cfg_scale"] in (1.0, 3.0) and defaults["cfg_scale"] == picked["cfg_scale"]
     assert defaults["top_k"] == 0 and defaults["seed"] == 0
     assert [c.name for c in sig.outputs.inputs] == ["class_id", "image_png"]
@@ -353,8 +361,9 @@ def test_worse_variant_stays_challenger(orch, first, tmp_path):
     assert c.get_model_version("vim-generator", "2").tags["vim.promotion"].startswith("kept: psnr")
     pipeline = _pipeline_runs(c)[-1]
     runs = _children(c, pipeline)
-    # dvc exp run: the stages that changed ran again, as an experiment; prepare_data was cached
-    assert set(runs) == {*STAGES[1:], "publish"}
+    # dvc exp run: the stages that changed ran again, as an experiment; prepare_data and
+    # train_classifier were cached
+    assert set(runs) == {*STAGES[2:], "publish"}
     assert runs["train_tokenizer"].data.tags["vim.dvc.exp_name"]
     assert runs["train_tokenizer"].data.params["tokenizer.train.steps"] == "3"
     table = json.loads(

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 BIN = Path(sys.executable).parent
@@ -50,3 +51,44 @@ def test_stage_command_bad_input_is_one_line(repo_copy):
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(raw))
     res = _run([sys.executable, "-m", "flows.prepare_data"], repo_copy)
     assert res.returncode == 2 and "data.image_size = 'huge'" in res.stderr
+
+
+@pytest.mark.slow  # a minute: three dvc runs of the micro pipeline's first stages
+def test_classifier_stage_is_reused_after_a_vim_change_and_by_exp_run_temp(tmp_path):
+    """train_classifier depends on the prepared data and its own params only, and has no persist output,
+    so a transformer.* change does not retrain it and `dvc exp run --temp` restores it from the run cache."""
+    from tests.conftest import git_commit
+    from tests.test_orchestration_pipeline import tiny_repo
+
+    repo = tiny_repo(tmp_path / "repo")
+    first = _run(["dvc", "repro", "train_classifier"], repo)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'train_classifier'" in first.stdout
+    assert (repo / "models" / "classifier" / "scorer.safetensors").is_file()
+    git_commit(repo, "the classifier's lock")
+
+    params = repo / "params.yaml"
+    committed = params.read_text()
+    raw = yaml.safe_load(committed)
+    raw["transformer"]["train"]["steps"] += 1
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    status = _run(["dvc", "status", "train_classifier"], repo)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    again = _run(["dvc", "repro", "train_classifier"], repo)
+    assert "Stage 'train_classifier' didn't change, skipping" in again.stdout, again.stdout + again.stderr
+    raw["evaluate"]["classifier"]["epochs"] = 2  # its own params do invalidate it
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    changed = _run(["dvc", "status", "train_classifier"], repo)
+    assert "evaluate.classifier" in changed.stdout, changed.stdout
+    params.write_text(committed)
+
+    # A new classifier setting trains once; a second experiment with it (and another VIM) reuses the
+    # first one's run through DVC's run cache, though HEAD's dvc.lock knows neither.
+    exp = ["dvc", "exp", "run", "--temp", "-S", "evaluate.classifier.epochs=2"]
+    trained = _run([*exp, "train_classifier"], repo)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "Running stage 'train_classifier'" in trained.stdout
+    reused = _run([*exp, "-S", "transformer.train.steps=41", "train_classifier"], repo)
+    assert reused.returncode == 0, reused.stdout + reused.stderr
+    assert "Running stage 'train_classifier'" not in reused.stdout
+    assert "Stage 'train_classifier' is cached - skipping run" in reused.stdout + reused.stderr

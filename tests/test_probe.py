@@ -134,6 +134,27 @@ def test_block_is_picked_on_held_out_train_rows_never_the_test_split(mnist):
         probe_blocks(cfg.model_copy(update={"block": 3}), train, y[:400], test, y[400:], 10)
 
 
+def test_with_a_val_split_it_chooses_there_and_scores_the_same_fit_on_test(mnist):
+    from vim_core.config.pipeline import ProbeConfig
+    from vim_core.eval.probe import probe_blocks
+
+    x, y = mnist
+    cfg = ProbeConfig(epochs=40, weight_decays=[1e-3, 1e-1])
+    train, val, test = _block_features(x[:300]), _block_features(x[300:450]), _block_features(x[450:600])
+    res = probe_blocks(cfg, train, y[:300], test, y[450:600], 10, val=(val, y[300:450]))
+    assert res["block"] == 1 and res["selection"] == "best accuracy on the val split (not the test split)"
+    # the pick's fit is scored on test as refitted on all train rows would be: same rows, same seed
+    alone = train_linear_probe(
+        train[1], y[:300], test[1], y[450:600], 10, epochs=40, weight_decay=res["weight_decay"]
+    )
+    assert res["accuracy"] == pytest.approx(alone["accuracy"])
+    # test features swapped so that block 2 looks best on test: neither block nor decay moves
+    swapped = probe_blocks(cfg, train, y[:300], test[[0, 2, 1]], y[450:600], 10, val=(val, y[300:450]))
+    assert swapped["test_accuracy_by_block"][2] > swapped["test_accuracy_by_block"][1]
+    assert (swapped["block"], swapped["weight_decay"]) == (res["block"], res["weight_decay"])
+    assert swapped["val_accuracy_by_block"] == res["val_accuracy_by_block"]
+
+
 def test_block_features_match_per_block_extraction(mnist):
     from vim_core.eval.probe import extract_block_features
 

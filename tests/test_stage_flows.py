@@ -16,6 +16,7 @@ from vim_core.errors import VimError
 
 FLOWS = {
     "prepare_data": "prepare_data",
+    "train_classifier": "train_classifier_flow",
     "train_tokenizer": "train_tokenizer_flow",
     "tokenize_dataset": "tokenize_dataset_flow",
     "pretrain_transformer": "pretrain_transformer_flow",

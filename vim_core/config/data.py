@@ -30,7 +30,14 @@ class DataConfig(StrictModel):
     fit: Literal["resize", "center_crop", "pad"] = Field(
         default="pad", description="how images of another size reach image_size"
     )
-    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0, description="held out; it only scores")
+    val_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="held out from train to make every choice on (sampling search, probe, classifier wd); "
+        "0: no val split, and evaluation, which chooses on it, then refuses to run",
+    )
     split_seed: int = Field(default=0, ge=0)
     shard_size: int = Field(default=4096, ge=1, le=1_000_000)
     max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
@@ -40,3 +47,11 @@ class DataConfig(StrictModel):
         description="processes that decode and resize images (auto: this machine's cores); the shards "
         "are byte-for-byte the same for any number",
     )
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "DataConfig":
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError(
+                f"test_fraction {self.test_fraction} + val_fraction {self.val_fraction} leaves no train split"
+            )
+        return self

@@ -111,15 +111,41 @@ class TransformerSection(StrictModel):
 
 
 class ClassifierConfig(StrictModel):
-    """The domain classifier: FID/KID features, IS logits, class accuracy and rejection scores."""
+    """The two domain classifiers of the train_classifier stage, both trained on the train split.
+
+    The first defines FID/KID features, IS logits and class accuracy; the scorer, another seed and a wider
+    net, ranks rejection-sampling candidates, so rejection is not graded by the network that scores it.
+    Neither reads the top-level `seed`: every run and study arm on the same data reuses them.
+    """
 
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=4e-3, gt=0.0, description="peak of a one-cycle schedule")
+    weight_decays: list[float] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.2],
+        min_length=1,
+        description="grid; the value with the best val-split accuracy trains both classifiers",
+    )
+    seed: int = Field(default=0, ge=0)
+    width: int = Field(default=32, ge=4, le=256, description="first conv stage's channels")
+    scorer_seed: int = Field(default=1, ge=0, description="must differ from seed")
+    scorer_width: int = Field(default=48, ge=4, le=256, description="must differ from width")
+
+    @model_validator(mode="after")
+    def _independent_scorer(self) -> "ClassifierConfig":
+        if any(wd < 0 for wd in self.weight_decays):
+            raise ValueError(f"weight_decays {self.weight_decays} must all be >= 0")
+        if self.scorer_seed == self.seed or self.scorer_width == self.width:
+            raise ValueError("the rejection scorer needs its own scorer_seed and scorer_width")
+        return self
 
 
 class SamplingSearchConfig(StrictModel):
-    """Guidance scale and temperature picked by FID_domain against train images, never the test split."""
+    """Guidance scale, temperature, top-k and top-p picked by FID_domain against the val split, never test.
+
+    Conditional samples: each scale at plain sampling, then temperatures x top_ks x top_ps at the scale
+    picked. Unconditional samples: temperatures x top_ks x top_ps, no guidance.
+    """
 
     cfg_scales: list[float] = Field(
         default_factory=lambda: [1.5, 2.0, 3.0],
@@ -127,9 +153,15 @@ class SamplingSearchConfig(StrictModel):
         description="candidates for a class-conditional VIM; an unconditional one samples at 1.0",
     )
     temperatures: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    top_ks: list[int | None] = Field(
+        default_factory=lambda: [None], min_length=1, description="null: no top-k truncation"
+    )
+    top_ps: list[float | None] = Field(
+        default_factory=lambda: [None], min_length=1, description="null: no nucleus truncation"
+    )
     samples: int = Field(default=500, ge=10, description="balanced images drawn per candidate")
     reference_images: int = Field(
-        default=1000, ge=10, description="train images scored against (not those of fid_domain_real)"
+        default=1000, ge=10, description="val-split images scored against (at most the whole val split)"
     )
     min_class_accuracy: float | None = Field(
         default=None,
@@ -145,6 +177,10 @@ class SamplingSearchConfig(StrictModel):
             raise ValueError(f"cfg_scales {self.cfg_scales} must lie in [0, 100]")
         if any(t <= 0 or t > 100 for t in self.temperatures):
             raise ValueError(f"temperatures {self.temperatures} must lie in (0, 100]")
+        if any(k is not None and k < 1 for k in self.top_ks):
+            raise ValueError(f"top_ks {self.top_ks} must be null or >= 1")
+        if any(p is not None and not 0 < p <= 1 for p in self.top_ps):
+            raise ValueError(f"top_ps {self.top_ps} must be null or lie in (0, 1]")
         return self
 
 
@@ -157,12 +193,23 @@ class EvaluateSection(StrictModel):
     cfg_scale: float | None = Field(default=None, ge=0.0, description="None: transformer.sampling.cfg_scale")
     sampling_search: SamplingSearchConfig | None = Field(
         default=None,
-        description="None: sample at cfg_scale and transformer.sampling.temperature; else the candidate "
-        "with the lowest FID_domain against train images sets both for the generation metrics",
+        description="None: sample at cfg_scale and transformer.sampling's temperature, top_k, top_p; else "
+        "the candidates with the lowest FID_domain against the val split set them for the test metrics",
     )
     acceptance_rate: float = Field(default=0.5, gt=0.0, le=1.0, description="rejection sampling (paper: 0.5)")
     kid_subset_size: int = Field(default=500, ge=2)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(
+        default=0,
+        ge=0,
+        description="offset added to the top-level seed: the run's seed draws the samples and the probe "
+        "subset, so seeds spread evaluation noise too",
+    )
+    probes: bool = Field(default=True, description="false: skip the linear probes (generation studies)")
+    sampling: bool = Field(
+        default=True,
+        description="false: skip every sampling metric (FID/KID/IS of samples, class accuracy, rejection, "
+        "the search); representation studies",
+    )
     weights_dir: str = Field(default="weights", description="InceptionV3 weights for the Inception metrics")
     max_probe_train: int | None = Field(default=5000, ge=10, description="None: the whole train split")
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)

@@ -25,10 +25,17 @@ class PrepareReport:
     manifest: dict
 
 
-def split_of(key: str, seed: int, test_fraction: float) -> str:
-    """A sample's split depends only on its key and the seed, so it is stable as the dataset grows."""
+def split_of(key: str, seed: int, test_fraction: float, val_fraction: float = 0.0) -> str:
+    """A sample's split depends only on its key and the seed, so it is stable as the dataset grows.
+
+    One hash draw u in [0, 1) per key: test below test_fraction, val in the next val_fraction, train above.
+    The test split is therefore the same whatever val_fraction is: adding val only carves it out of train.
+    """
     h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return "test" if int.from_bytes(h[:8], "big") / 2**64 < test_fraction else "train"
+    u = int.from_bytes(h[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
 
 
 def prepare(cfg: DataConfig, progress: bool = False) -> PrepareReport:
@@ -65,7 +72,9 @@ def _write(cfg: DataConfig, tmp: Path, progress: bool) -> PrepareReport:
             bad += 1
             log.warning("skipping unreadable image %s (%s)", sample.key, reason)
             continue
-        writer.add(split_of(sample.key, cfg.split_seed, cfg.test_fraction), image, sample.label)
+        writer.add(
+            split_of(sample.key, cfg.split_seed, cfg.test_fraction, cfg.val_fraction), image, sample.label
+        )
     if seen == 0:
         raise VimError(f"source {url}: empty (no images)")
     if bad:
@@ -82,12 +91,14 @@ def _write(cfg: DataConfig, tmp: Path, progress: bool) -> PrepareReport:
         "class_names": source.class_names,
         "num_classes": len(source.class_names),
         "test_fraction": cfg.test_fraction,
+        "val_fraction": cfg.val_fraction,
         "split_seed": cfg.split_seed,
         "seen": seen,
         "skipped": bad,
     }
     manifest = writer.close(meta)
-    for split in ("train", "test"):
+    # val_fraction 0 means no val split (nothing then can be chosen on it); asked for, it must not be empty.
+    for split in ("train", "test") + (("val",) if cfg.val_fraction > 0 else ()):
         if manifest["splits"].get(split, {}).get("count", 0) == 0:
             raise VimError(f"source {url}: the {split} split is empty ({seen - bad} usable images)")
     manifest["version"] = hashlib.sha256(

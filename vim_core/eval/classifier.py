@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vim_core.io import load_safetensors_with_spec, save_safetensors_with_spec
-from vim_core.tokenizer.model import to_model_range
+from vim_core.tokenizer.pixels import to_model_range
 
 FORMAT = "vim-domain-classifier"
 
@@ -69,6 +69,7 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
+    width: int = 32,
 ) -> tuple[DomainClassifier, dict]:
     """Train a DomainClassifier (AdamW, one-cycle lr); report its test accuracy and wall time.
 
@@ -83,7 +84,7 @@ def train_classifier(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     _, c, h, _ = x_train.shape
-    model = DomainClassifier(c, h, num_classes).to(device)
+    model = DomainClassifier(c, h, num_classes, width=width).to(device)
     steps_per_epoch = -(-len(x_train) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -110,6 +111,7 @@ def train_classifier(
         "train_images": len(x_train),
         "test_images": len(x_test),
         "seed": seed,
+        "width": width,
     }
 
 

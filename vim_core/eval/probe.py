@@ -82,12 +82,14 @@ def train_linear_probe(
     seed: int = 0,
     method: Literal["lbfgs", "adam"] = "lbfgs",
     batch_size: int = 1024,
+    score_also: tuple | None = None,
 ) -> dict:
     """Fit softmax(W x + b) on train features standardised by train statistics; score on test.
 
     lbfgs: full batch, `epochs` iterations, lr is its step scale (1.0 with a line search).
     adam: mini-batches shuffled by `seed`, `epochs` passes. Both minimise mean cross-entropy plus
     weight_decay/2 * ||W||^2, in float64 so the result does not depend on summation order.
+    score_also: a second (features, labels) set the same fit is scored on (also_accuracy, also_num).
     """
     xtr, xte = _as_float(train_x), _as_float(test_x)
     ytr = torch.as_tensor(np.asarray(train_y)).long().reshape(-1)
@@ -130,7 +132,16 @@ def train_linear_probe(
 
     with torch.no_grad():
         train_logits, test_logits = xtr @ w + b, xte @ w + b
+        also = {}
+        if score_also is not None:
+            xa = (_as_float(score_also[0]) - mean) / std
+            ya = torch.as_tensor(np.asarray(score_also[1])).long().reshape(-1)
+            also = {
+                "also_accuracy": float(((xa @ w + b).argmax(1) == ya).double().mean()),
+                "also_num": len(ya),
+            }
         return {
+            **also,
             "accuracy": float((test_logits.argmax(1) == yte).double().mean()),
             "train_accuracy": float((train_logits.argmax(1) == ytr).double().mean()),
             "test_loss": float(F.cross_entropy(test_logits, yte)),
@@ -168,15 +179,20 @@ def select_and_probe(
     weight_decays: list[float],
     val_fraction: float = 0.2,
     seed: int = 0,
+    val: tuple | None = None,
     **kwargs,
 ) -> dict:
-    """Pick the weight decay on a held-out part of the train split, refit on all of it, score on test.
+    """Pick the weight decay on validation rows, then score the pick on test.
 
+    `val`: (features, labels) of a validation split; each value of the grid is fitted on all the train
+    rows and scored on val, and the pick's fit is the one scored on test. Without it, val_fraction of the
+    train rows are held out to pick, and the pick is refitted on all of them (callers with no val split).
     Each feature set (VIM blocks, pixels, a random-init VIM) gets its own best regularisation from the
-    same grid, so no baseline is handicapped by a value tuned for another. The test split is never seen
-    before the final score.
+    same grid, so no baseline is handicapped by a value tuned for another. Only val scores choose.
     """
     train_y = np.asarray(train_y).reshape(-1)
+    if val is not None:
+        return _select_on_val(train_x, train_y, test_x, test_y, num_classes, weight_decays, seed, val, kwargs)
     n = len(train_y)
     n_val = int(round(n * val_fraction))
     if not 0 < n_val < n:
@@ -184,26 +200,24 @@ def select_and_probe(
     # The held-out scores pick the weight decay, and also rank blocks in probe_blocks, so they are
     # computed even for a one-value grid.
     order = np.random.default_rng(seed).permutation(n)
-    val, fit = order[:n_val], order[n_val:]
+    held, fit = order[:n_val], order[n_val:]
     tx = train_x[fit] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(fit)]
-    vx = train_x[val] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(val)]
-    held_out = run_fits(
-        [
-            partial(
-                train_linear_probe,
-                tx,
-                train_y[fit],
-                vx,
-                train_y[val],
-                num_classes,
-                weight_decay=wd,
-                seed=seed,
-                **kwargs,
-            )
-            for wd in weight_decays
-        ]
-    )
-    scores = {wd: res["accuracy"] for wd, res in zip(weight_decays, held_out, strict=True)}
+    vx = train_x[held] if not torch.is_tensor(train_x) else train_x[torch.as_tensor(held)]
+    fits = [
+        partial(
+            train_linear_probe,
+            tx,
+            train_y[fit],
+            vx,
+            train_y[held],
+            num_classes,
+            weight_decay=wd,
+            seed=seed,
+            **kwargs,
+        )
+        for wd in weight_decays
+    ]
+    scores = {wd: res["accuracy"] for wd, res in zip(weight_decays, run_fits(fits), strict=True)}
     best = max(scores, key=lambda wd: (scores[wd], wd))
     (out,) = run_fits(
         [
@@ -220,6 +234,36 @@ def select_and_probe(
             )
         ]
     )
+    return _with_choice(out, best, scores)
+
+
+def _select_on_val(train_x, train_y, test_x, test_y, num_classes, weight_decays, seed, val, kwargs) -> dict:
+    """One fit per weight decay on all train rows, scored on val (the choice) and on test (the report)."""
+    val_x, val_y = val
+    fits = [
+        partial(
+            train_linear_probe,
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            num_classes,
+            weight_decay=wd,
+            seed=seed,
+            score_also=(test_x, test_y),
+            **kwargs,
+        )
+        for wd in weight_decays
+    ]
+    results = dict(zip(weight_decays, run_fits(fits), strict=True))
+    scores = {wd: res["accuracy"] for wd, res in results.items()}
+    best = max(scores, key=lambda wd: (scores[wd], wd))
+    chosen = results[best]
+    out = {**chosen, "accuracy": chosen["also_accuracy"], "num_test": chosen["also_num"]}
+    return _with_choice(out, best, scores)
+
+
+def _with_choice(out: dict, best: float, scores: dict) -> dict:
     out["weight_decay"] = best
     out["val_accuracy"] = scores[best]
     out["val_accuracy_by_weight_decay"] = {repr(wd): round(acc, 4) for wd, acc in scores.items()}
@@ -227,9 +271,9 @@ def select_and_probe(
 
 
 def probe_with_config(
-    cfg: ProbeConfig, train_x, train_y, test_x, test_y, num_classes: int, seed: int = 0
+    cfg: ProbeConfig, train_x, train_y, test_x, test_y, num_classes: int, seed: int = 0, val=None
 ) -> dict:
-    """select_and_probe with the settings of `transformer.probe` (grid, validation share, iterations)."""
+    """select_and_probe with the settings of `transformer.probe` (grid, iterations); `val` as there."""
     return select_and_probe(
         train_x,
         train_y,
@@ -239,21 +283,32 @@ def probe_with_config(
         cfg.weight_decays,
         val_fraction=cfg.val_fraction,
         seed=seed,
+        val=val,
         epochs=cfg.epochs,
     )
 
 
 def probe_blocks(
-    cfg: ProbeConfig, train_feats, train_y, test_feats, test_y, num_classes: int, seed: int = 0
+    cfg: ProbeConfig, train_feats, train_y, test_feats, test_y, num_classes: int, seed: int = 0, val=None
 ) -> dict:
-    """Probe every block (features (layers, N, dim)) and pick one on held-out train rows, never on test.
+    """Probe every block (features (layers, N, dim)) and pick one on validation rows, never on test.
 
-    The block is cfg.block when set (0-based), else the one with the best held-out accuracy (ties go to
-    the shallower block). Every block's test accuracy is returned too, as the curve over depth, but only
-    the held-out score chooses. Block indices here are 0-based: block 0 is the first Transformer block.
+    `val`: (features (layers, M, dim), labels) of the val split; None holds out cfg.val_fraction of the
+    train rows instead. The block is cfg.block when set (0-based), else the one with the best val
+    accuracy (ties go to the shallower block). Every block's test accuracy is returned too, as the curve
+    over depth, but only the val score chooses. Block 0 is the first Transformer block.
     """
     results = [
-        probe_with_config(cfg, train_feats[b], train_y, test_feats[b], test_y, num_classes, seed)
+        probe_with_config(
+            cfg,
+            train_feats[b],
+            train_y,
+            test_feats[b],
+            test_y,
+            num_classes,
+            seed,
+            val=(val[0][b], val[1]) if val is not None else None,
+        )
         for b in range(len(train_feats))
     ]
     if cfg.block is not None:
@@ -262,7 +317,8 @@ def probe_blocks(
         chosen, how = cfg.block, "fixed by transformer.probe.block"
     else:
         chosen = max(range(len(results)), key=lambda b: (results[b]["val_accuracy"], -b))
-        how = f"best accuracy on {cfg.val_fraction:.0%} of the train rows held out (not the test split)"
+        where = "the val split" if val is not None else f"{cfg.val_fraction:.0%} of the train rows held out"
+        how = f"best accuracy on {where} (not the test split)"
     return {
         "block": chosen,
         "selection": how,

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,12 @@ import torch
 
 from vim_core.config import Params
 from vim_core.data.shards import load_split, read_manifest
+from vim_core.errors import VimError
 from vim_core.eval import fidelity
-from vim_core.eval.classifier import (
-    class_accuracy,
-    load_classifier,
-    predict_proba,
-    save_classifier,
-    train_classifier,
-)
+from vim_core.eval.classifier_stage import load_trained
+from vim_core.eval.generation import generation_metrics
 from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
-from vim_core.eval.sampling_search import search_sampling
 from vim_core.eval.ssim import ssim
 from vim_core.io import spec_hash
 from vim_core.tokenizer.export import Tokenizer, load_tokenizer
@@ -27,16 +23,17 @@ from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.train.tracking import save_image
 from vim_core.transformer.export import load_transformer
 from vim_core.transformer.gpt import VIM
-from vim_core.transformer.sampling import sample, select_by_score
 
 log = logging.getLogger(__name__)
 
 
 def eval_config_spec(params: Params) -> dict:
     """What decides what an eval metric means: the eval and sampling settings (not where files live) and
-    the version of the test data."""
-    evaluate = params.evaluate.model_dump(mode="json", exclude={"classifier_dir", "weights_dir"})
-    if evaluate["sampling_search"] is None:  # as before the search existed, so older hashes still match
+    the version of the prepared data (all three splits). Not the run's seed: runs of several seeds compare."""
+    # probes/sampling only skip metrics; they change the meaning of none that is present
+    skip = {"classifier_dir", "weights_dir", "probes", "sampling"}
+    evaluate = params.evaluate.model_dump(mode="json", exclude=skip)
+    if evaluate["sampling_search"] is None:  # left out when off, as before the search existed
         del evaluate["sampling_search"]
     return {
         "evaluate": evaluate,
@@ -53,164 +50,83 @@ def eval_config_hash(params: Params) -> str:
     return spec_hash(eval_config_spec(params))
 
 
-def _classifier(
-    params: Params, train: tuple, test: tuple, num_classes: int, timings: dict
-) -> tuple[str, dict]:
-    """Train (or reuse, when data and settings match) the domain classifier; returns its path and report."""
-    e = params.evaluate
-    path = Path(e.classifier_dir) / "classifier.safetensors"
-    key = {
-        "data": read_manifest(params.data.out_dir).get("version"),
-        "config": e.classifier.model_dump(),
-        "seed": e.seed,
-    }
-    if path.exists():
-        _, extra = load_classifier(str(path))
-        if extra.get("key") == key:
-            return str(path), extra["report"]
-    t = time.monotonic()
-    model, report = train_classifier(
-        *train,
-        *test,
-        num_classes=num_classes,
-        epochs=e.classifier.epochs,
-        batch_size=e.classifier.batch_size,
-        lr=e.classifier.lr,
-        seed=e.seed,
-    )
-    timings["classifier"] = round(time.monotonic() - t, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_classifier(model, str(path), extra={"key": key, "report": report})
-    return str(path), report
-
-
 def _balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def eval_seed(params: Params) -> int:
+    """The run's seed plus evaluate.seed: sampling draws and the probe subset follow the training seed."""
+    return params.seed + params.evaluate.seed
+
+
 def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
-    """Compute eval.json's content. Reads the prepared data, the tokenizer and the Transformer."""
+    """Compute eval.json's content. Reads the prepared data, both classifiers, the tokenizer and the VIM.
+
+    Every choice (sampling settings, probe block and weight decay) is made on the val split; the test
+    split only scores the choices.
+    """
     e = params.evaluate
+    seed = eval_seed(params)
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     timings: dict = {}
     started = time.monotonic()
-    torch.manual_seed(e.seed)
-    train_x, train_y = load_split(params.data.out_dir, "train")
-    test_x, test_y = load_split(params.data.out_dir, "test")
+    torch.manual_seed(seed)
     manifest = read_manifest(params.data.out_dir)
+    if manifest["splits"].get("val", {}).get("count", 0) == 0:
+        raise VimError(
+            f"{params.data.out_dir}: no val split to make the evaluation's choices on (data.val_fraction)"
+        )
+    train_x, train_y = load_split(params.data.out_dir, "train")
+    val_x, val_y = load_split(params.data.out_dir, "val")
+    test_x, test_y = load_split(params.data.out_dir, "test")
     num_classes = manifest["num_classes"]
+    clf_path, scorer_path, clf_report = load_trained(e.classifier_dir, params.data.out_dir)
     tokenizer = load_tokenizer(str(Path(params.tokenizer.out_dir) / "tokenizer.safetensors")).eval()
     vim, _ = load_transformer(str(Path(params.transformer.out_dir) / "transformer.safetensors"))
 
-    clf_path, clf_report = _classifier(params, (train_x, train_y), (test_x, test_y), num_classes, timings)
-    clf, _ = load_classifier(clf_path)
     n_ref = len(test_x)
     domain = {
-        "extractor": "vim-domain classifier (penultimate features for FID/KID, logits for IS)",
+        "extractor": "the domain classifier (penultimate features for FID/KID, logits for IS, argmax for "
+        "class accuracy); rejection is scored by the independent scorer (definitions.rejection)",
         "classifier": clf_path,
-        "classifier_test_accuracy": clf_report["test_accuracy"],
-        "reference": f"test split ({n_ref} images)",
+        "classifier_test_accuracy": clf_report["classifier_test_accuracy"],
+        "scorer": scorer_path,
+        "scorer_test_accuracy": clf_report["scorer_test_accuracy"],
+        "reference": f"test split ({n_ref} images); the *_val keys: the val split",
         "kid_subset_size": e.kid_subset_size,
-        "seed": e.seed,
+        "seed": seed,
     }
     out: dict = {"definitions": {"domain_metrics": domain}}
 
     def dm(images: np.ndarray, reference: np.ndarray) -> dict:
         result = fidelity.domain_metrics(
-            images, reference, clf_path, kid_subset_size=e.kid_subset_size, seed=e.seed
+            images, reference, clf_path, kid_subset_size=e.kid_subset_size, seed=seed
         )
         out["definitions"].setdefault("torch_fidelity", result.pop("definition"))
         return {k: round(v, 5) for k, v in result.items()}
 
-    # Generation: 2N balanced candidates; the first N are the plain samples, the top half per class the
-    # rejection-sampled ones, so both sets hold N images and their FIDs compare at the same sample count.
     n = e.num_samples
-    s = params.transformer.sampling
-    cfg_scale = e.cfg_scale if e.cfg_scale is not None else s.cfg_scale
-    temperature = s.temperature
-    floor_rows = np.random.default_rng(e.seed).permutation(len(train_x))
-    if e.sampling_search is not None:
-        # The last rows of the floor's permutation: disjoint from its first k whenever the split allows.
-        reference = train_x[floor_rows[-e.sampling_search.reference_images :]]
-        search = search_sampling(
-            e.sampling_search,
-            vim,
-            tokenizer,
-            clf_path,
-            reference,
-            num_classes,
-            seed=e.seed + 1,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            batch_size=s.batch_size,
-            kid_subset_size=e.kid_subset_size,
+    grids = None
+    if e.sampling:
+        gen, defs, grids = generation_metrics(
+            params, vim, tokenizer, (clf_path, scorer_path), val_x, test_x, num_classes, seed, dm, timings
         )
-        cfg_scale, temperature = search["cfg_scale"], search["temperature"]
-        timings["sampling_search"] = search.pop("seconds")
-        out["definitions"]["sampling_search"] = search
-    t = time.monotonic()
-    conditional = vim.num_classes > 0
-    labels = _balanced_labels(2 * n, num_classes) if conditional else None
-    tokens = sample(
-        vim,
-        2 * n,
-        labels,
-        temperature=temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        cfg_scale=cfg_scale if conditional else 1.0,
-        seed=e.seed,
-        batch_size=s.batch_size,
-    )
-    images = tokenizer.decode_uint8(tokens)
-    timings["sampling"] = round(time.monotonic() - t, 1)
-    probs = predict_proba(clf, images)
-    plain, plain_labels = images[:n], (labels[:n] if conditional else None)
-    gen = {f"{k}": v for k, v in dm(plain, test_x).items()}
-    if conditional:
-        gen["class_accuracy"] = round(class_accuracy(clf, plain, plain_labels.numpy()), 4)
-    out.update(gen)
-    out["definitions"]["generation"] = {
-        "samples": n,
-        "classes": "balanced, class = index mod num_classes" if conditional else "unconditional",
-        "temperature": temperature,
-        "top_k": s.top_k,
-        "top_p": s.top_p,
-        "cfg_scale": cfg_scale,
-        "settings": "picked on train images (definitions.sampling_search)"
-        if e.sampling_search is not None
-        else "fixed in params",
-        "seed": e.seed,
-        "class_accuracy": "domain classifier's argmax equals the requested class",
-    }
-
-    from vim_core.config.transformer import RejectionConfig
-
-    scores = probs[torch.arange(2 * n), labels] if conditional else probs.max(1).values
-    keep = select_by_score(
-        scores, labels, RejectionConfig(mode="acceptance_rate", acceptance_rate=e.acceptance_rate)
-    )
-    kept = images[keep.numpy()]
-    rej = dm(kept, test_x)
-    out.update({f"{k}_rejection": v for k, v in rej.items()})
-    if conditional:
-        out["class_accuracy_rejection"] = round(class_accuracy(clf, kept, labels[keep].numpy()), 4)
-    out["definitions"]["rejection"] = {
-        "candidates": 2 * n,
-        "kept": int(keep.sum()),
-        "acceptance_rate": e.acceptance_rate,
-        "score": "domain classifier's probability of the requested class; top fraction kept per class",
-    }
+        out.update(gen)
+        out["definitions"].update(defs)
+    else:
+        skipped = {"skipped": "evaluate.sampling is false: no search, samples, class accuracy or rejection"}
+        out["definitions"].update(generation=skipped, rejection=skipped, generation_uncond=skipped)
 
     # Floor and ceiling on the same pipeline.
+    floor_rows = np.random.default_rng(seed).permutation(len(train_x))
     k = min(n, len(train_x))
     out["fid_domain_real"] = dm(train_x[floor_rows[:k]], test_x)["fid_domain"]
-    out["fid_domain_unigram"] = dm(_unigram_images(params, tokenizer, n, e.seed), test_x)["fid_domain"]
+    out["fid_domain_unigram"] = dm(_unigram_images(params, tokenizer, n, seed), test_x)["fid_domain"]
     out["definitions"]["baselines"] = {
         "fid_domain_real": f"{k} train images vs the test split (floor)",
         "fid_domain_unigram": f"{n} images decoded from tokens drawn i.i.d. from the train split's token "
-        "frequencies (ceiling)",
+        "frequencies, vs the test split (ceiling)",
     }
 
     # Reconstruction.
@@ -225,6 +141,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     out["codebook_usage"] = round(codebook_usage(test_tokens, tokenizer.codebook_size, 256), 4)
     out["definitions"]["reconstruction"] = {
         "images": n_ref,
+        "split": "test",
         "rfid_domain": "reconstructions vs originals of the test split, domain extractor",
         "codebook_usage": "fraction of codes used per batch of 256 test images, averaged over full batches",
         "psnr": "per image on [0, 1] pixels, averaged",
@@ -232,49 +149,30 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     }
     timings["reconstruction"] = round(time.monotonic() - t, 1)
 
-    # Linear probe, beside two baselines on the same split.
-    t = time.monotonic()
-    out.update(_probe(params, vim, tokenizer, train_x, train_y, test_x, test_y, test_tokens, num_classes))
-    timings["probe"] = round(time.monotonic() - t, 1)
-
-    # Unconditional generation (the paper reports it too): a conditional VIM samples p(x) through its
-    # null class, without guidance; an unconditional VIM's plain samples already are.
-    t = time.monotonic()
-    if conditional:
-        uncond = tokenizer.decode_uint8(
-            sample(
-                vim,
-                n,
-                None,
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                cfg_scale=1.0,
-                seed=e.seed,
-                batch_size=s.batch_size,
-            ),
-        )
-        out.update({f"{k}_uncond": v for k, v in dm(uncond, test_x).items()})
-        how = "null class, no guidance"
+    # Linear probe, beside two baselines on the same splits.
+    if e.probes:
+        t = time.monotonic()
+        splits = (train_x, train_y, val_x, val_y, test_x, test_y)
+        out.update(_probe(params, vim, tokenizer, splits, test_tokens, num_classes, seed))
+        timings["probe"] = round(time.monotonic() - t, 1)
     else:
-        uncond = plain
-        out.update({f"{k}_uncond": v for k, v in gen.items()})
-        how = "the model is unconditional: the same samples as fid_domain"
-    out["definitions"]["generation_uncond"] = {"samples": n, "how": how, "seed": e.seed}
-    save_image(image_grid(uncond[:64]), plots / "samples_uncond.png")
-    timings["unconditional"] = round(time.monotonic() - t, 1)
+        out["probe_definition"] = "skipped: evaluate.probes is false"
 
-    # Inception metrics when the weights are present.
-    incep = fidelity.inception_metrics(
-        plain, test_x, e.weights_dir, kid_subset_size=e.kid_subset_size, seed=e.seed
-    )
-    if "definition" in incep:
-        out["definitions"]["inception"] = incep.pop("definition")
-    if "skipped" in incep:
-        out["definitions"]["inception"] = {"skipped": incep.pop("skipped")}
-    out.update(incep)
-
-    _grids(plots, images, labels if conditional else probs.argmax(1), scores, test_x, recon, num_classes)
+    if grids is not None:
+        _grids(plots, grids["images"], grids["labels"], grids["scores"], test_x, recon, num_classes)
+        save_image(image_grid(grids["uncond"][:64]), plots / "samples_uncond.png")
+    else:  # dvc.yaml declares these plots: a skipped sampling leaves blank grids, not stale or missing ones
+        blank = np.zeros((num_classes * 8, *test_x.shape[1:]), dtype=np.uint8)
+        _grids(
+            plots,
+            blank,
+            _balanced_labels(len(blank), num_classes),
+            torch.zeros(len(blank)),
+            test_x,
+            recon,
+            num_classes,
+        )
+        save_image(image_grid(blank[:64]), plots / "samples_uncond.png")
     timings["total"] = round(time.monotonic() - started, 1)
     out["timings_seconds"] = timings
     out["eval_config_hash"] = eval_config_hash(params)
@@ -294,23 +192,17 @@ def _unigram_images(params: Params, tokenizer: Tokenizer, n: int, seed: int) -> 
 
 
 def _probe(
-    params: Params,
-    vim: VIM,
-    tokenizer: Tokenizer,
-    train_x,
-    train_y,
-    test_x,
-    test_y,
-    test_tokens,
-    num_classes: int,
+    params: Params, vim: VIM, tokenizer: Tokenizer, splits: tuple, test_tokens, num_classes: int, seed: int
 ) -> dict:
+    """Probe accuracies on test; block and weight decays chosen on the val split's features."""
+    train_x, train_y, val_x, val_y, test_x, test_y = splits
     p = params.transformer.probe
     limit = params.evaluate.max_probe_train or len(train_x)
-    idx = np.random.default_rng(params.evaluate.seed).permutation(len(train_x))[:limit]
+    idx = np.random.default_rng(seed).permutation(len(train_x))[:limit]
     tr_x, tr_y = train_x[idx], train_y[idx]
     tr_tokens = tokenizer.encode_uint8(tr_x)
-    seed = params.evaluate.seed
-    # Every block is probed (the curve over depth); the held-out train rows alone pick the block.
+    val_tokens = tokenizer.encode_uint8(val_x)
+    # Every block is probed (the curve over depth); the val split alone picks the block.
     curve = probe_blocks(
         p,
         extract_block_features(vim, tr_tokens),
@@ -319,12 +211,22 @@ def _probe(
         test_y,
         num_classes,
         seed,
+        val=(extract_block_features(vim, val_tokens), val_y),
     )
     block = curve["block"]
     chosen: dict[str, float] = {"vim": curve["weight_decay"]}
 
-    def probe(name: str, train_feats, test_feats) -> float:
-        res = probe_with_config(p, train_feats, tr_y, test_feats, test_y, num_classes, seed)
+    def probe(name: str, features: Callable) -> float:
+        res = probe_with_config(
+            p,
+            features(tr_x, tr_tokens),
+            tr_y,
+            features(test_x, test_tokens),
+            test_y,
+            num_classes,
+            seed,
+            val=(features(val_x, val_tokens), val_y),
+        )
         chosen[name] = res["weight_decay"]
         return round(res["accuracy"], 4)
 
@@ -335,24 +237,20 @@ def _probe(
         "probe_block": block,
         "probe_test_accuracy_by_block": dict(enumerate(curve["test_accuracy_by_block"])),
         "probe_val_accuracy_by_block": dict(enumerate(curve["val_accuracy_by_block"])),
-        "probe_accuracy_pixels": probe(
-            "pixels",
-            tr_x.reshape(len(tr_x), -1).astype(np.float32),
-            test_x.reshape(len(test_x), -1).astype(np.float32),
-        ),
+        "probe_accuracy_pixels": probe("pixels", lambda x, _: x.reshape(len(x), -1).astype(np.float32)),
         "probe_accuracy_random_init": probe(
-            "random_init",
-            extract_features(random_vim, tr_tokens, block=block),
-            extract_features(random_vim, test_tokens, block=block),
+            "random_init", lambda _, tokens: extract_features(random_vim, tokens, block=block)
         ),
     }
+    out["probe_weight_decays"] = chosen
     out["probe_definition"] = (
         f"softmax linear classifier (L-BFGS, {p.epochs} iterations, standardised features) on the average-"
         f"pooled, layer-normalised output of each of the {vim.cfg.layers} blocks; block indices are 0-based "
         f"(block 0 is the first Transformer block); probe_block = {block}, {curve['selection']}; "
-        f"{len(tr_x)} train images, the whole test split; weight decay picked per feature set from "
-        f"{p.weight_decays} on {p.val_fraction:.0%} of the train images (chosen: {chosen}); the pixel and "
-        "random-init baselines use the same split, the random-init VIM the chosen block"
+        f"fitted on {len(tr_x)} train images (seed {seed}); weight decay picked per feature set from "
+        f"{p.weight_decays} by accuracy on the val split ({len(val_x)} images; chosen: {chosen}); the "
+        "probe_accuracy* keys are on the whole test split, which chooses nothing; the pixel and "
+        "random-init baselines use the same splits, the random-init VIM the chosen block"
     )
     return out
 
