@@ -39,7 +39,14 @@ KEY_METRICS = (
     "probe_accuracy",
 )
 # The evaluate stage's numbers win over a training stage's of the same name (codebook_usage, psnr).
-STAGE_ORDER = ("evaluate", "pretrain_transformer", "train_tokenizer", "tokenize_dataset", "prepare_data")
+STAGE_ORDER = (
+    "evaluate",
+    "pretrain_transformer",
+    "train_tokenizer",
+    "tokenize_dataset",
+    "train_classifier",
+    "prepare_data",
+)
 # The sample grid to show, first found: the evaluate stage's class-conditional samples, then any grid.
 GRIDS = ("images/samples_per_class.png", "images/samples_uncond.png", "images/reconstructions.png")
 MD_NAME, PNG_NAME = "comparison.md", "comparison.png"
