@@ -35,3 +35,9 @@ class DataConfig(StrictModel):
     shard_size: int = Field(default=4096, ge=1, le=1_000_000)
     max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     max_images: int | None = Field(default=None, ge=1, description="cap for quick runs; None reads all")
+    max_classes: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="most classes a source may declare: a .cls label or a class folder beyond it is refused",
+    )
