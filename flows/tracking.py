@@ -30,6 +30,7 @@ from flows.mlflow_run import sanitize_key
 from flows.outbox import DEFAULT_FLUSH_S, FLUSH_ENV, outbox, warning_line
 from flows.stages import declared
 from vim_core.errors import VimError
+from vim_core.redact import redact_text
 from vim_core.train.tracking import NullTracker, Tracker, flatten, to_hwc
 
 log = logging.getLogger("vim.tracking")
@@ -41,11 +42,12 @@ METRICS_PER_BATCH = 1000
 
 
 def flatten_params(params: dict) -> dict[str, str]:
-    """Nested dicts to dotted keys; values as strings cut to MLflow's limit."""
+    """Nested dicts to dotted keys; values as strings cut to MLflow's limit, URLs without credentials
+    (a data.source.url like https://user:token@host/... is logged as https://REDACTED@host/...)."""
     out = {}
     for name, value in flatten(params).items():
         text = json.dumps(list(value), default=str) if isinstance(value, list | tuple) else str(value)
-        out[sanitize_key(name)] = text[:MAX_PARAM_VALUE]
+        out[sanitize_key(name)] = redact_text(text)[:MAX_PARAM_VALUE]
     return out
 
 
