@@ -298,7 +298,7 @@ def set_run_tags(run_id: str | None, tags: dict) -> None:
 
         box = outbox(run_id)
         for key, value in clean_tags(tags).items():
-            box.send(lambda c, k=key, v=value: c.set_tag(run_id, k, v), what=f"tag {key}")
+            box.send(None, what=f"tag {key}", op=("set_tag", {"key": key, "value": value}))
 
 
 # ---- runs
