@@ -13,6 +13,7 @@ from flows.stages import Stage, declared
 from vim_core.config import Params, load_params
 from vim_core.errors import ConfigError, TransientError, VimError
 from vim_core.io import atomic_write_text
+from vim_core.redact import redact_text
 
 log = logging.getLogger("vim")
 
@@ -126,11 +127,34 @@ def run_stage(
     )
 
 
+def redact_logs() -> None:
+    """Every log record made in this process from now on has its URLs' credentials redacted, whichever
+    handler (the console, Prefect's API log handler) takes it: done once, in the record factory, the
+    logging module's public hook for this."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacts", False):
+        return
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # a traceback quotes URLs too: format it redacted now
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    make.redacts = True
+    logging.setLogRecordFactory(make)
+
+
 def run_flow_cli(validate: Callable[[], object], run: Callable[[], object], flow_state: bool = True) -> int:
     """validate(), then run() a flow for its final state: exit 0, or one line per problem and exit 2 for
     bad input files (ConfigError) or 1 for any other VimError, including a failed flow run. With
     flow_state=False, run() is plain work, not a flow: no Prefect API is started and nothing is returned."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    redact_logs()
     try:
         validate()
         if not flow_state:

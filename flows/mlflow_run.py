@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vim_core.errors import TransientError, VimError
+from vim_core.redact import redact_text
 
 REPO = Path(__file__).resolve().parents[1]
 PARENT_ENV = "VIM_PARENT_RUN_ID"
@@ -255,7 +256,8 @@ def sanitize_key(key: str) -> str:
 
 
 def clean_tags(tags: dict | None) -> dict[str, str]:
-    return {sanitize_key(k): str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+    """Tags as MLflow takes them, with any URL's credentials redacted (vim_core.redact)."""
+    return {sanitize_key(k): redact_text(str(v))[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
 
 
 def _git(*args: str) -> str | None:
@@ -296,7 +298,7 @@ def set_run_tags(run_id: str | None, tags: dict) -> None:
 
         box = outbox(run_id)
         for key, value in clean_tags(tags).items():
-            box.send(lambda c, k=key, v=value: c.set_tag(run_id, k, v), what=f"tag {key}")
+            box.send(None, what=f"tag {key}", op=("set_tag", {"key": key, "value": value}))
 
 
 # ---- runs

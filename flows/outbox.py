@@ -8,13 +8,18 @@ behind it, so the run's history keeps its order. Before a later call, at most ev
 a /health probe decides whether to replay the queue. A call MLflow refuses (HTTP 4xx, bad input) is never
 retried: sent directly it raises, replayed it is dropped with an error line.
 
-close() flushes what is left with backoff for VIM_TRACKING_FLUSH seconds and returns how many calls it
-could not deliver; the stage reports those in one warning line (flows.tracking.stage_run) and keeps its
-outputs. Files a queued call names are copied when it is queued, as the trainer may rewrite them.
+close() flushes what is left with backoff for VIM_TRACKING_FLUSH seconds. What the server still did not
+take is persisted (atomically) under .vim/outbox/<run id>/ beside the stage's outputs (VIM_OUTBOX_DIR
+moves it): the calls as JSON lines, with copies of the files they name. The stage reports them in one
+warning line (flows.tracking.stage_run) and keeps its outputs. replay_persisted() delivers them, in order,
+once the server answers: every stage does it when it opens its run, and `python -m flows.tracking flush`
+does it on demand. Files a queued call names are copied when it is queued, as the trainer may rewrite them.
 """
 
 import atexit
+import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -27,12 +32,19 @@ from pathlib import Path
 
 from flows import mlflow_run
 from vim_core.errors import TransientError
+from vim_core.io import atomic_dir, atomic_write_text
 
 log = logging.getLogger("vim.tracking")
 
 PROBE_EVERY = 3.0  # seconds between /health probes while calls wait
 FLUSH_ENV = "VIM_TRACKING_FLUSH"
 DEFAULT_FLUSH_S = 45.0
+DIR_ENV = "VIM_OUTBOX_DIR"
+
+
+def outbox_dir() -> Path:
+    """Where undelivered calls are persisted: VIM_OUTBOX_DIR, else .vim/outbox in the repo root."""
+    return Path(os.environ.get(DIR_ENV) or mlflow_run.REPO / ".vim" / "outbox")
 
 
 @dataclass
@@ -40,6 +52,31 @@ class _Call:
     fn: Callable[..., object]  # fn(client, *files)
     files: tuple[str, ...]
     what: str
+    op: tuple[str, dict] | None = None  # the same call as data (op name, arguments), so it can be persisted
+
+
+def apply_op(client, run_id: str, name: str, args: dict, files: tuple[str, ...]) -> None:
+    """Make one tracking call described as data (what Outbox.send's `op` and the persisted file hold)."""
+    if name == "log_batch":
+        from mlflow.entities import Metric, Param
+
+        metrics = [Metric(*m) for m in args.get("metrics", [])]
+        client.log_batch(run_id, metrics=metrics, params=[Param(*p) for p in args.get("params", [])])
+    elif name == "set_tag":
+        client.set_tag(run_id, args["key"], args["value"])
+    elif name == "set_terminated":
+        client.set_terminated(run_id, args["status"])
+    elif name == "log_artifact":
+        client.log_artifact(run_id, files[0], artifact_path=args.get("artifact_path"))
+    elif name == "log_artifacts":
+        client.log_artifacts(run_id, files[0], artifact_path=args.get("artifact_path"))
+    elif name == "log_image":
+        import numpy as np
+
+        pixels = args["pixels"] if "pixels" in args else np.load(files[0], allow_pickle=False)
+        client.log_image(run_id, pixels, artifact_file=args["artifact_file"])
+    else:
+        raise ValueError(f"unknown tracking call {name!r}")
 
 
 class Outbox:
@@ -53,6 +90,8 @@ class Outbox:
         self._lock = threading.RLock()
         self._next_probe = 0.0
         self._spool: Path | None = None
+        self.persisted: Path | None = None  # where close() kept what the server did not take
+        self.unpersisted = 0  # held calls without a description as data: lost when the process ends
 
     @property
     def client(self):
@@ -64,11 +103,18 @@ class Outbox:
     def pending(self) -> int:
         return len(self._queue)
 
-    def send(self, fn: Callable[..., object], *files: str, what: str = "call") -> None:
-        """Call fn(client, *files) now, or queue it behind calls the server has not taken yet."""
+    def send(
+        self, fn: Callable[..., object] | None, *files: str, what: str = "call", op: tuple | None = None
+    ) -> None:
+        """Call fn(client, *files) now, or queue it behind calls the server has not taken yet. With `op`
+        (name, arguments; see apply_op) and no fn, the call is made from its description, and a held one
+        can be persisted when the stage ends before the server is back."""
+        if fn is None:
+            name, args = op
+            fn = lambda c, *f: apply_op(c, self.run_id, name, args, f)  # noqa: E731
         with self._lock:
             if self._queue:
-                self._queue.append(self._held(fn, files, what))
+                self._queue.append(self._held(fn, files, what, op))
                 self._replay_if_due()
                 return
             try:
@@ -82,12 +128,13 @@ class Outbox:
                     what,
                     _first_line(err),
                 )
-                self._queue.append(self._held(fn, files, what))
+                self._queue.append(self._held(fn, files, what, op))
                 self._next_probe = time.monotonic() + PROBE_EVERY
 
     def close(self, within: float | None = None) -> int:
         """Deliver what waits, retrying with backoff for `within` seconds (VIM_TRACKING_FLUSH); return the
-        number of calls not delivered. Drops the spooled copies either way."""
+        number of calls not delivered. Those are persisted under outbox_dir() for a later replay (see
+        self.persisted and self.unpersisted); the spooled copies are dropped either way."""
         if within is None:
             within = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)
         with self._lock:
@@ -100,6 +147,8 @@ class Outbox:
                     break
                 time.sleep(pause)
             left = len(self._queue)
+            if left:
+                self.persisted, self.unpersisted = self._persist()
             self._queue.clear()
             if self._spool is not None:
                 shutil.rmtree(self._spool, ignore_errors=True)
@@ -123,9 +172,39 @@ class Outbox:
 
     # ---- the queue
 
-    def _held(self, fn, files, what) -> _Call:
+    def _persist(self) -> tuple[Path, int]:
+        """The held calls as JSON lines (and their files) in outbox_dir()/<run id>, written atomically;
+        returns the folder and how many calls could not be kept (made from a bare function)."""
+        import numpy as np
+
+        folder, lost = outbox_dir() / self.run_id, 0
+        with atomic_dir(folder) as tmp:
+            lines = []
+            for i, call in enumerate(self._queue):
+                if call.op is None:
+                    lost += 1
+                    continue
+                name, args = call.op
+                files = list(call.files)
+                if "pixels" in args:  # an image held in memory: kept as .npy, never pickled
+                    args = {k: v for k, v in args.items() if k != "pixels"}
+                    files = [f"{i}.npy"]
+                    np.save(tmp / files[0], np.asarray(call.op[1]["pixels"]), allow_pickle=False)
+                else:
+                    for j, src in enumerate(map(Path, call.files)):
+                        dst = tmp / f"{i}-{j}" / src.name
+                        dst.parent.mkdir()
+                        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+                        files[j] = str(dst.relative_to(tmp))
+                lines.append(json.dumps({"op": name, "args": args, "files": files, "what": call.what}))
+            meta = {"run_id": self.run_id, "uri": mlflow_run._redact(self.uri), "calls": len(lines)}
+            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+            (tmp / "calls.jsonl").write_text("".join(line + "\n" for line in lines))
+        return folder, lost
+
+    def _held(self, fn, files, what, op=None) -> _Call:
         if not files:
-            return _Call(fn, (), what)
+            return _Call(fn, (), what, op)
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="vim-mlflow-outbox-"))
         copies = []
@@ -136,7 +215,7 @@ class Outbox:
             else:
                 shutil.copy2(src, dst)
             copies.append(str(dst))
-        return _Call(fn, tuple(copies), what)
+        return _Call(fn, tuple(copies), what, op)
 
     def _replay_if_due(self) -> None:
         now = time.monotonic()
@@ -202,10 +281,60 @@ def outbox(run_id: str) -> Outbox:
 
 def warning_line(box: Outbox, undelivered: int, stage: str | None = None) -> str:
     of = f"the {stage} run {box.run_id}" if stage else f"run {box.run_id}"
+    kept = ""
+    if box.persisted is not None:
+        kept = f"; kept in {box.persisted} for the next stage or `python -m flows.tracking flush`"
+        if box.unpersisted:
+            kept += f" ({box.unpersisted} of them could not be kept and are lost)"
     return (
         f"warning: MLflow tracking server {mlflow_run._redact(box.uri)} did not answer: {undelivered} "
-        f"tracking calls of {of} were not delivered (the run stays RUNNING there); the outputs are complete"
+        f"tracking calls of {of} were not delivered (the run stays RUNNING there){kept}; "
+        "the outputs are complete"
     )
+
+
+def replay_persisted(uri: str | None = None) -> dict:
+    """Deliver the calls persisted under outbox_dir(), run by run and in order, to the tracking server
+    (the current MLFLOW_TRACKING_URI; runs persisted for another server are left alone). A call MLflow
+    refuses is dropped with an error line, as a held call is; at an outage the rest stays for next time.
+    Returns counts: delivered, refused, left, runs (fully replayed), and other_server (runs skipped)."""
+    root = outbox_dir()
+    counts = {"delivered": 0, "refused": 0, "left": 0, "runs": 0, "other_server": 0}
+    folders = sorted(p for p in root.iterdir() if (p / "calls.jsonl").is_file()) if root.is_dir() else []
+    if not folders:
+        return counts
+    uri = uri or mlflow_run.tracking_uri()
+    client = mlflow_run.client()
+    for folder in folders:
+        meta = json.loads((folder / "meta.json").read_text())
+        lines = (folder / "calls.jsonl").read_text().splitlines()
+        if meta.get("uri") != mlflow_run._redact(uri):
+            counts["other_server"] += 1
+            counts["left"] += len(lines)
+            continue
+        done = 0
+        for line in lines:
+            call = json.loads(line)
+            files = tuple(str(folder / f) for f in call["files"])
+            try:
+                with mlflow_run.quick_http():
+                    apply_op(client, meta["run_id"], call["op"], call["args"], files)
+                counts["delivered"] += 1
+            except Exception as err:
+                if mlflow_run.is_outage(err, uri):
+                    break
+                counts["refused"] += 1
+                log.error(
+                    "MLflow refused the kept %s of run %s: %s", call["what"], meta["run_id"], _first_line(err)
+                )
+            done += 1
+        if done == len(lines):
+            shutil.rmtree(folder, ignore_errors=True)
+            counts["runs"] += 1
+        else:
+            atomic_write_text(folder / "calls.jsonl", "".join(line + "\n" for line in lines[done:]))
+            counts["left"] += len(lines) - done
+    return counts
 
 
 @atexit.register

@@ -17,7 +17,10 @@ params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_si
 
 A request holds at most max_images() images (class ids, or images to encode): 256, or the
 VIM_MAX_IMAGES_PER_REQUEST environment variable of the serving process. A bigger one is refused with
-HTTP 400 before any work, so one request cannot hold a server for hours or exhaust its memory.
+HTTP 400 before any work, so one request cannot hold a server for hours or exhaust its memory. Every
+other input and sampling option is checked before any work too (vim_core.transformer.requests, which
+says what is clamped and what is refused); a refusal is an MlflowException with error code
+INVALID_PARAMETER_VALUE, which `mlflow models serve` answers with HTTP 400 and the one-line reason.
 """
 
 import base64
@@ -42,10 +45,8 @@ def max_images() -> int:
     return int(text) if text.strip().isdigit() and int(text) > 0 else MAX_IMAGES_PER_REQUEST
 
 
-def _check_count(n: int, what: str) -> None:
-    cap = max_images()
-    if n > cap:
-        raise _bad_input(f"{n} {what} in one request; at most {cap} (set {MAX_IMAGES_ENV} on the server)")
+def _cap_note() -> str:
+    return f" (set {MAX_IMAGES_ENV} on the server)"
 
 
 def _bad_input(message: str) -> Exception:
@@ -56,26 +57,40 @@ def _bad_input(message: str) -> Exception:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def class_ids(model_input) -> np.ndarray:
-    """int64 class ids from a DataFrame (`class_id` column, else its only column), list, array or dict."""
+def _raw_class_ids(model_input):
+    """The class ids as sent: a DataFrame's `class_id` column (else its only column), a dict's `class_id`
+    entry, or the input itself (a list, an array, one number); checked by vim_core.transformer.requests."""
     import pandas as pd
+
+    from vim_core.transformer.requests import BadRequest
 
     if isinstance(model_input, pd.DataFrame):
         if "class_id" in model_input.columns:
-            column = model_input["class_id"]
-        elif len(model_input.columns) == 1:
-            column = model_input.iloc[:, 0]
-        else:
-            raise _bad_input(f"expected a class_id column, got {list(model_input.columns)}")
-        values = column.to_numpy()
-    elif isinstance(model_input, dict):
-        values = np.asarray(model_input.get("class_id", []))
-    else:
-        values = np.asarray(model_input)
-    values = values.reshape(-1)
-    if values.size and not np.all(np.equal(np.mod(values.astype(float), 1), 0)):
-        raise _bad_input("class ids must be integers")
-    return values.astype(np.int64)
+            return model_input["class_id"].to_numpy()
+        # An unnamed column (MLflow names it 0) is the class ids; a column with another name is not.
+        if len(model_input.columns) == 1 and not isinstance(model_input.columns[0], str):
+            return model_input.iloc[:, 0].to_numpy()
+        raise BadRequest(f"expected a class_id column, got {list(model_input.columns)[:5]}")
+    if isinstance(model_input, pd.Series):
+        return model_input.to_numpy()
+    if isinstance(model_input, dict):
+        if "class_id" not in model_input:
+            raise BadRequest(
+                f"a request given as a mapping needs a class_id key, got {list(model_input)[:5]}"
+            )
+        return model_input["class_id"]
+    if model_input is None:
+        raise BadRequest("the request holds no class ids; send at least one")
+    return model_input
+
+
+def class_ids(model_input, num_classes: int = 0) -> np.ndarray:
+    """int64 class ids from a DataFrame (its `class_id` column, else its only, unnamed column), list, array
+    or dict. MLflow's schema check runs first: it refuses text and fractions itself (also HTTP 400), and
+    reads nested lists as rows whose first column is the class id, so those never reach this check."""
+    from vim_core.transformer.requests import class_ids as checked
+
+    return checked(_raw_class_ids(model_input), num_classes, max_images(), _cap_note())
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -120,58 +135,39 @@ class VimModel(PythonModel):
             self.transformer, _ = load_transformer(context.artifacts["transformer"])
 
     def predict(self, context, model_input, params: dict | None = None):
-        if self.kind == "tokenizer":
-            return self.encode(model_input)
-        ids = class_ids(model_input)
-        _check_count(len(ids), "class ids")
-        tokens = self.sample(ids, {**self.defaults, **(params or {})})
+        from vim_core.errors import VimError
+
+        # Every refusal of vim_core's checks (and of sampling itself) is the caller's mistake: HTTP 400.
+        try:
+            if self.kind == "tokenizer":
+                return self.encode(model_input)
+            ids = class_ids(model_input, self.transformer.num_classes)
+            tokens = self.sample(ids, {**self.defaults, **(params or {})})
+        except VimError as err:
+            raise _bad_input(str(err)) from None
         if self.kind == "transformer":
             return tokens.numpy()
         return self.images(ids, tokens)
 
     def encode(self, images) -> np.ndarray:
-        x = np.asarray(images)
-        if x.ndim == 3:  # (N, H, W): one channel
-            x = x[:, None]
+        from vim_core.transformer.requests import images_uint8
+
         want = (self.tokenizer.channels, self.tokenizer.image_size, self.tokenizer.image_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise _bad_input(f"images must be uint8 (N, {', '.join(map(str, want))}), got {x.shape}")
-        _check_count(len(x), "images")
-        return self.tokenizer.encode_uint8(x.astype(np.uint8)).numpy().astype(np.int64)
+        x = images_uint8(images, want, max_images(), _cap_note())
+        return self.tokenizer.encode_uint8(x).numpy().astype(np.int64)
 
     def sample(self, ids: np.ndarray, opts: dict):
         import torch
 
-        from vim_core.errors import VimError
+        from vim_core.transformer.requests import sampling_options
         from vim_core.transformer.sampling import sample
 
         model = self.transformer
-        n = len(ids)
-        if model.num_classes > 0:
-            bad = ids[(ids < 0) | (ids >= model.num_classes)]
-            if bad.size:
-                raise _bad_input(f"class ids must be in 0..{model.num_classes - 1}, got {bad[:5].tolist()}")
-            labels = torch.from_numpy(ids)
-        else:
-            labels = None  # unconditional: the ids only say how many images
-        top_k = int(opts.get("top_k") or 0)
-        top_p = float(opts.get("top_p") if opts.get("top_p") is not None else 1.0)
-        cfg_scale = float(opts.get("cfg_scale", 1.0))
-        try:
-            return sample(
-                model,
-                n,
-                labels,
-                temperature=float(opts.get("temperature", 1.0)),
-                top_k=top_k if top_k > 0 else None,
-                top_p=top_p if top_p < 1.0 else None,
-                cfg_scale=cfg_scale if labels is not None else 1.0,
-                seed=int(opts.get("seed", 0)),
-                batch_size=int(opts.get("batch_size") or 64),
-                device=self.device,
-            )
-        except VimError as err:
-            raise _bad_input(str(err)) from None
+        checked = sampling_options(opts, len(ids), model.vocab_size)
+        labels = torch.from_numpy(ids) if model.num_classes > 0 else None  # unconditional: ids only count
+        if labels is None:
+            checked["cfg_scale"] = 1.0
+        return sample(model, len(ids), labels, device=self.device, **checked)
 
     def images(self, ids: np.ndarray, tokens):
         import pandas as pd

@@ -27,9 +27,10 @@ import numpy as np
 
 from flows import mlflow_run
 from flows.mlflow_run import sanitize_key
-from flows.outbox import DEFAULT_FLUSH_S, FLUSH_ENV, outbox, warning_line
+from flows.outbox import DEFAULT_FLUSH_S, FLUSH_ENV, outbox, outbox_dir, replay_persisted, warning_line
 from flows.stages import declared
 from vim_core.errors import VimError
+from vim_core.redact import redact_text
 from vim_core.train.tracking import NullTracker, Tracker, flatten, to_hwc
 
 log = logging.getLogger("vim.tracking")
@@ -41,11 +42,12 @@ METRICS_PER_BATCH = 1000
 
 
 def flatten_params(params: dict) -> dict[str, str]:
-    """Nested dicts to dotted keys; values as strings cut to MLflow's limit."""
+    """Nested dicts to dotted keys; values as strings cut to MLflow's limit, URLs without credentials
+    (a data.source.url like https://user:token@host/... is logged as https://REDACTED@host/...)."""
     out = {}
     for name, value in flatten(params).items():
         text = json.dumps(list(value), default=str) if isinstance(value, list | tuple) else str(value)
-        out[sanitize_key(name)] = text[:MAX_PARAM_VALUE]
+        out[sanitize_key(name)] = redact_text(text)[:MAX_PARAM_VALUE]
     return out
 
 
@@ -81,7 +83,6 @@ class MlflowTracker:
         self._params: dict[str, str] = {}
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
 
         new = {}
         for key, value in flatten_params(params).items():
@@ -93,14 +94,12 @@ class MlflowTracker:
                 log.warning("param %s already logged as %r; keeping it, not %r", key, old, value)
         items = sorted(new.items())
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            chunk = [Param(k, v) for k, v in items[i : i + PARAMS_PER_BATCH]]
-            self.outbox.send(lambda c, b=chunk: c.log_batch(self.run_id, params=b), what="params")
+            chunk = [[k, v] for k, v in items[i : i + PARAMS_PER_BATCH]]
+            self.outbox.send(None, what="params", op=("log_batch", {"params": chunk}))
         self._params.update(new)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         import time
-
-        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = []
@@ -109,19 +108,18 @@ class MlflowTracker:
             if number is None:
                 log.debug("metric %s=%r is not a number; skipped", key, value)
                 continue
-            batch.append(Metric(sanitize_key(key), number, now, int(step)))
+            batch.append([sanitize_key(key), number, now, int(step)])  # mlflow.entities.Metric's arguments
         for i in range(0, len(batch), METRICS_PER_BATCH):
             chunk = batch[i : i + METRICS_PER_BATCH]
             what = f"metrics of step {int(step)}"
-            self.outbox.send(lambda c, b=chunk: c.log_batch(self.run_id, metrics=b), what=what)
+            self.outbox.send(None, what=what, op=("log_batch", {"metrics": chunk}))
 
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         """A file or folder; `name` is its path inside the run's artifacts (default: its own name)."""
         src = Path(path)
         if src.is_dir():
             folder = name or src.name
-            send = self.outbox.send
-            send(lambda c, d: c.log_artifacts(self.run_id, d, artifact_path=folder), str(src), what=folder)
+            self.outbox.send(None, str(src), what=folder, op=("log_artifacts", {"artifact_path": folder}))
             return
         dest = Path(name) if name else Path(src.name)
         folder = None if str(dest.parent) == "." else dest.parent.as_posix()
@@ -135,10 +133,8 @@ class MlflowTracker:
 
     def _send_file(self, src: Path, folder: str | None, dest: Path) -> None:
         """Held calls name a copy of the file (the outbox makes it), so a later rewrite does not leak in."""
-        send = self.outbox.send
-        send(
-            lambda c, f: c.log_artifact(self.run_id, f, artifact_path=folder), str(src), what=dest.as_posix()
-        )
+        op = ("log_artifact", {"artifact_path": folder})
+        self.outbox.send(None, str(src), what=dest.as_posix(), op=op)
 
     def log_image(self, image: str | Path | np.ndarray, name: str) -> None:
         """A uint8 array or an image file, stored as images/<name>.png (or the file's own suffix)."""
@@ -149,7 +145,7 @@ class MlflowTracker:
             return
         file = f"images/{name if name.endswith('.png') else f'{name}.png'}"
         pixels = np.array(to_hwc(image))  # a copy: the caller may reuse its buffer before a held call goes
-        self.outbox.send(lambda c: c.log_image(self.run_id, pixels, artifact_file=file), what=file)
+        self.outbox.send(None, what=file, op=("log_image", {"pixels": pixels, "artifact_file": file}))
 
 
 class _Discard(NullTracker):
@@ -179,6 +175,7 @@ def stage_run(stage_name: str, params=None) -> Iterator[MlflowTracker]:
         return
     flush_s = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)  # a bad value fails before the work
     tracker = MlflowTracker(mlflow_run.open_stage_run(stage_name))
+    _replay_earlier_runs()
     status = "FAILED"
     try:
         tracker.log_params(_params_dict(params))
@@ -188,12 +185,24 @@ def stage_run(stage_name: str, params=None) -> Iterator[MlflowTracker]:
         _end_stage_run(tracker.outbox, stage_name, status, flush_s)
 
 
+def _replay_earlier_runs() -> None:
+    """What earlier stages persisted because the server was away (flows/outbox.py): the server answers
+    now (open_stage_run waited for it), so deliver it; a failure here never stops the stage."""
+    try:
+        counts = replay_persisted()
+    except Exception as err:  # the replay is a courtesy to earlier runs: never this stage's failure
+        log.warning("replaying kept tracking calls failed: %s", " ".join(str(err).split())[:300])
+        return
+    if counts["delivered"] or counts["refused"]:
+        log.info("delivered %(delivered)d kept tracking calls of earlier runs (%(left)d still kept)", counts)
+
+
 def _end_stage_run(box, stage_name: str, status: str, flush_s: float) -> None:
     """Queue the run's end behind its calls, flush, warn about what the server never took, then take the
     run off MLflow's active-run stack (end_run), which must not wait on an absent server either."""
     import mlflow
 
-    box.send(lambda c: c.set_terminated(box.run_id, status), what=f"end ({status})")
+    box.send(None, what=f"end ({status})", op=("set_terminated", {"status": status}))
     undelivered = box.close(flush_s)
     if undelivered:
         print(warning_line(box, undelivered, stage_name), file=sys.stderr)
@@ -249,3 +258,29 @@ def log_stage_outputs(tracker: Tracker, stage: str) -> None:
             tracker.log_image(path, path.stem)
         else:
             tracker.log_artifact(path, f"plots/{path.name}")
+
+
+def flush_main(argv: list[str] | None = None) -> int:
+    """`python -m flows.tracking flush`: deliver the tracking calls that stages kept because the MLflow
+    server was away when they ended; exit 0 when nothing is left, 1 when some are still kept."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.tracking", description=flush_main.__doc__)
+    parser.add_argument("command", choices=["flush"])
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        mlflow_run.check_reachable(mlflow_run.tracking_uri(), timeout=5.0)
+        counts = replay_persisted()
+    except VimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"delivered {counts['delivered']} kept tracking calls ({counts['runs']} runs complete, "
+        f"{counts['refused']} refused by the server); {counts['left']} still kept in {outbox_dir()}"
+    )
+    return 1 if counts["left"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(flush_main())

@@ -11,6 +11,7 @@ from tests import servers
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session-scoped real server)
 from tests.reliability import (  # noqa: F401  (reports/reliability.json: its hooks and fixture)
     pytest_configure,
+    pytest_deselected,
     pytest_runtest_makereport,
     pytest_sessionfinish,
     record_fault,

@@ -348,6 +348,19 @@ TAR_CASES = {
         "k1.cls: label 'seven' is not an integer",
     ),
     "tar_cls_negative": ([("k1.png", GOOD), ("k1.cls", b"-3\n")], "k1.cls: label -3 is negative"),
+    # One label sizes the class list (0..label): without a bound, 2000000000 builds two billion names.
+    "tar_cls_two_billion": (
+        [("k1.png", GOOD), ("k1.cls", b"2000000000\n")],
+        "k1.cls: label 2000000000 is not below data.max_classes=10000",
+    ),
+    "tar_cls_above_max_classes": (
+        [("k1.png", GOOD), ("k1.cls", b"0"), ("k2.png", GOOD), ("k2.cls", b"20000")],
+        "k2.cls: label 20000 is not below data.max_classes=10000",
+    ),
+    "tar_cls_huge_member": (
+        [("k1.png", GOOD), ("k1.cls", b"1" * 100_000)],
+        "k1.cls: a .cls member of 100000",
+    ),
     "tar_image_without_label": (
         [("k1.png", GOOD), ("k1.cls", b"0"), ("k2.png", GOOD)],
         "lack an image or a .cls",
@@ -395,6 +408,20 @@ def _folder(root: Path, files: dict[str, bytes]) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     return root
+
+
+def test_folder_classes_above_max_classes(tmp_path, previous):
+    """Folder sources hold to the same bound as .cls labels: one class per subfolder."""
+    src = _folder(tmp_path / "src", {f"{c}/a.png": GOOD for c in "abcd"})
+    says = "4 class folders, above data.max_classes=3"
+    _prepare_refuses(tmp_path, previous, {"kind": "image_folder", "url": str(src)}, says, max_classes=3)
+
+
+def test_tar_class_folders_above_max_classes(tmp_path, previous):
+    (tmp_path / "shards").mkdir()
+    _tar(tmp_path / "shards" / "s0.tar", [(f"{c}/a.png", GOOD) for c in "abc"])
+    source = {"kind": "tar_shards", "url": str(tmp_path / "shards")}
+    _prepare_refuses(tmp_path, previous, source, "3 class folders, above data.max_classes=2", max_classes=2)
 
 
 SOURCE_CASES = {

@@ -1,8 +1,10 @@
 """A SIGKILLed stage process leaves no Prefect ephemeral server behind (flows/ephemeral.py).
 
-Real stage processes (`python -m flows.prepare_data`) in ephemeral mode, each killed with SIGKILL once its
-temporary API server answers; the server must be gone within a bounded wait. Without the fix it is
-re-parented to PID 1 and runs on (about 200 MB each).
+Real stage processes (`python -m flows.prepare_data`) in ephemeral mode, each killed with SIGKILL inside
+its work: once its temporary API server answers *and* the stage has written a random number of dataset
+shards into its temp folder. The server must be gone within a bounded wait (without the fix it is
+re-parented to PID 1 and runs on, about 200 MB each), nothing may appear at the final output path, and
+a rerun must give the bytes of an uninterrupted run (as the other faults compare).
 """
 
 import contextlib
@@ -48,9 +50,13 @@ def _uvicorn_children(pid: int) -> list[tuple[int, list[str]]]:
     return found
 
 
-def _start_stage(root: Path, prefect_home: Path) -> subprocess.Popen:
+# Enough work to land a kill inside it: 4000 images in shards of 50 (80 shards, a few seconds).
+WORK = {"max_images": 4000, "shard_size": 50}
+
+
+def _start_stage(root: Path, prefect_home: Path, **data) -> subprocess.Popen:
     root.mkdir(parents=True)
-    params = {"data": {"out_dir": str(root / "prepared"), "max_images": 200}}
+    params = {"data": {"out_dir": str(root / "prepared"), "max_images": 200, **data}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
         **os.environ,
@@ -94,20 +100,47 @@ def _half_written(root: Path) -> list[str]:
     )
 
 
-def _kill_once(root: Path, prefect_home: Path) -> tuple[bool, list[str]]:
-    """Start a stage, SIGKILL it once its server answers; (did the server outlive the wait, leftovers)."""
-    stage = _start_stage(root, prefect_home)
-    server = None
+def _shards_written(root: Path) -> int:
+    """Shards the running stage has finished in its temp dataset folder (vim_core.io.atomic_dir)."""
+    tmp = root / ".prepared.tmp"
+    return len(list(tmp.glob("*-*.npz"))) if tmp.is_dir() else 0
+
+
+def _prepare(root: Path) -> None:
+    """The stage's work run to the end without Prefect (the reference, and the rerun after a kill)."""
+    code = "from vim_core.config import load_params\nfrom vim_core.data.prepare import prepare\n"
+    code += "prepare(load_params('params.yaml').data)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=600)
+
+
+def _dataset(root: Path) -> dict[str, bytes]:
+    folder = root / "prepared"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def _kill_once(root: Path, prefect_home: Path, shards: int) -> tuple[bool | None, list[str], int]:
+    """Start a stage, SIGKILL it once its server answers and it has written `shards` shards; (did the
+    server outlive the wait, or None if no kill landed inside the work; problems; shards at the kill)."""
+    stage = _start_stage(root, prefect_home, **WORK)
+    server, problems = None, []
     try:
-        server = _wait_server(stage, time.monotonic() + SERVER_UP_S)
-        assert stage.poll() is None  # the stage is still running when it is killed
+        deadline = time.monotonic() + SERVER_UP_S
+        server = _wait_server(stage, deadline)
+        while _shards_written(root) < shards and stage.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        at = _shards_written(root)
+        if stage.poll() is not None or at < shards:
+            return None, [f"the stage ended (or stalled) before {shards} shards: no kill inside the work"], at
         stage.send_signal(signal.SIGKILL)
         stage.wait(10)
         gone_by = time.monotonic() + GONE_WITHIN_S
         while time.monotonic() < gone_by and _proc_state(server) not in (None, "Z"):
             time.sleep(0.1)
         survived = _proc_state(server) not in (None, "Z")  # a zombie holds no memory
-        return survived, _half_written(root)
+        if (root / "prepared").exists():
+            problems.append("a killed run left something at the final output path")
+        return survived, problems, at
     finally:
         if stage.poll() is None:
             stage.kill()
@@ -117,20 +150,52 @@ def _kill_once(root: Path, prefect_home: Path) -> tuple[bool, list[str]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # a fault injection (~1 min): it runs with the fault suite in CI's slow step
+@pytest.mark.slow  # a fault injection (~2 min): it runs with the fault suite in CI's slow step
 def test_sigkilled_stage_leaves_no_ephemeral_server(tmp_path, record_fault):
-    """INJECTIONS stage processes, one after another, each SIGKILLed once its ephemeral server is up."""
-    results = [_kill_once(tmp_path / f"run{i}", tmp_path / "prefect") for i in range(INJECTIONS)]
-    survivors = sum(survived for survived, _ in results)
-    leftovers = [f for _, files in results for f in files]
-    record_fault(  # survived: injections the pipeline came through, here with no server left behind
-        "sigkill_stage_ephemeral_prefect_server",
-        injected=INJECTIONS,
-        survived=INJECTIONS - survivors,
-        data_lost=len(leftovers),
+    """INJECTIONS stage processes, one after another, each SIGKILLed inside its work (after a random
+    number of shards) with its ephemeral server up; then rerun to the end and compared with a run that
+    was never killed: same shards, same manifest, no temp files left."""
+    from tests.faults.points import fault_rng
+
+    rng = fault_rng("sigkill_stage_ephemeral_prefect_server")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "params.yaml").write_text(
+        yaml.safe_dump({"data": {"out_dir": str(reference / "prepared"), "max_images": 200, **WORK}})
     )
-    assert not survivors, f"{survivors} ephemeral servers still running {GONE_WITHIN_S} s after SIGKILL"
-    assert not leftovers, f"half-written outputs: {leftovers}"
+    _prepare(reference)
+    expected = _dataset(reference)
+    assert len(expected) > 40  # 80 shards and a manifest
+    survived = lost = 0
+    problems = []
+    for i in range(INJECTIONS):
+        root = tmp_path / f"run{i}"
+        shards = rng.randint(2, 30)
+        server_left, mine, at = _kill_once(root, tmp_path / "prefect", shards)
+        print(f"injection {i}: killed after {at} shards (aimed at {shards}), server left: {server_left}")
+        if server_left:
+            mine.append(f"the ephemeral server still runs {GONE_WITHIN_S} s after SIGKILL")
+        if server_left is not None:
+            _prepare(root)  # the rerun: what the kill interrupted, done again
+            got = _dataset(root)
+            # the rerun ran in root, where paths differ; the dataset bytes must not
+            manifest = {k: v for k, v in got.items() if k != "manifest.json"}
+            if manifest != {k: v for k, v in expected.items() if k != "manifest.json"}:
+                mine.append("the rerun's shards differ from the uninterrupted run's")
+                lost += 1
+            elif got.get("manifest.json", b"").replace(str(root).encode(), b"") != expected[
+                "manifest.json"
+            ].replace(str(reference).encode(), b""):
+                mine.append("the rerun's manifest differs from the uninterrupted run's")
+                lost += 1
+            if leftovers := _half_written(root):
+                mine.append(f"temp files left after the rerun: {leftovers}")
+        survived += not mine
+        problems += [f"{i}: {p}" for p in mine]
+    record_fault(  # survived: killed inside the work, no server left, the rerun equal to the reference
+        "sigkill_stage_ephemeral_prefect_server", injected=INJECTIONS, survived=survived, data_lost=lost
+    )
+    assert not problems, problems
 
 
 def test_no_server_started_when_an_api_url_is_set():

@@ -1,5 +1,6 @@
 """FID/KID/IS through real torch-fidelity: the domain extractor, the Inception path, and SSIM."""
 
+import ast
 import math
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
 from vim_core.errors import VimError
 from vim_core.eval.classifier import save_classifier, train_classifier
-from vim_core.eval.fidelity import INCEPTION_FILE, domain_metrics, inception_metrics
+from vim_core.eval.fidelity import INCEPTION_FILE, INCEPTION_SHA256, domain_metrics, inception_metrics
 from vim_core.eval.ssim import ssim, ssim_per_image
-from vim_core.io import sha256_file
+from vim_core.io import find_weights, sha256_file
 
 N = 300
 
@@ -129,10 +130,8 @@ def _random_inception_file(folder: Path, monkeypatch) -> Path:
 def test_inception_path_runs_on_a_checked_file(mnist_splits, tmp_path, monkeypatch):
     (x, _), (xt, _) = mnist_splits
     path = _random_inception_file(tmp_path, monkeypatch)
-    prefix = sha256_file(path)[:8]
-    settings = dict(
-        kid_subset_size=6, kid_subsets=5, isc_splits=2, batch_size=8, expected_sha256_prefix=prefix
-    )
+    digest = sha256_file(path)
+    settings = dict(kid_subset_size=6, kid_subsets=5, isc_splits=2, batch_size=8, expected_sha256=digest)
     r = inception_metrics(x[:8], xt[:8], str(tmp_path), **settings)  # one call: FID in 2048-d costs ~10 s
     print({k: v for k, v in r.items() if k != "definition"})
     for k in ("fid_inception", "kid_inception", "kid_inception_std", "isc_inception", "isc_inception_std"):
@@ -141,7 +140,7 @@ def test_inception_path_runs_on_a_checked_file(mnist_splits, tmp_path, monkeypat
     assert r["fid_inception"] > 1e-3
     assert r["isc_inception"] > 1
     d = r["definition"]
-    assert d["feature_extractor"] == "inception-v3-compat" and d["weights_sha256_prefix"] == prefix
+    assert d["feature_extractor"] == "inception-v3-compat" and d["weights_sha256"] == digest
     assert (d["images_a"], d["images_b"], d["kid_subset_size"], d["input_channels"]) == (8, 8, 6, 1)
 
 
@@ -175,6 +174,57 @@ def test_inception_checksum_mismatch_is_refused_unopened(mnist_splits, tmp_path)
     # The payload is live: loading it the way torch-fidelity does touches the marker.
     torch.load(tmp_path / INCEPTION_FILE, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.security
+def test_inception_prefix_match_is_not_enough(mnist_splits, tmp_path):
+    """A file whose sha256 shares the expected 8-digit prefix but not the rest is refused unopened."""
+    (x, _), _ = mnist_splits
+    marker = tmp_path / "unpickled"
+    torch.save(_TouchOnUnpickle(marker), tmp_path / INCEPTION_FILE)
+    digest = sha256_file(tmp_path / INCEPTION_FILE)
+    twin = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]  # same 32-bit prefix, another file
+    with pytest.raises(VimError) as err:
+        inception_metrics(x[:4], x[:4], str(tmp_path), expected_sha256=twin)
+    assert "refusing" in str(err.value) and twin in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+    # A prefix can no longer be passed for a file that is unpickled.
+    with pytest.raises(ValueError, match="whole sha256"):
+        find_weights(str(tmp_path), INCEPTION_FILE, digest[:8], "test", unpickled=True)
+    assert len(INCEPTION_SHA256) == 64 and INCEPTION_SHA256.startswith("6726825d")
+
+
+def _torch_load_calls(root: Path):
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                yield path, node
+
+
+@pytest.mark.security
+def test_no_unpickling_load_without_a_whole_hash():
+    """Every torch.load in vim_core and flows passes weights_only=True; the one file that is unpickled
+    (torch-fidelity's Inception) goes through find_weights(..., unpickled=True) with a 64-digit sha256."""
+    repo = Path(__file__).resolve().parents[1]
+    calls = [c for top in ("vim_core", "flows") for c in _torch_load_calls(repo / top)]
+    assert calls, "the scan found no torch.load at all: it is broken"
+    for path, node in calls:
+        flags = {k.arg: k.value for k in node.keywords}
+        safe = isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True
+        assert safe, f"{path.relative_to(repo)}:{node.lineno}: torch.load without weights_only=True"
+    # Whoever hands a file to torch-fidelity (which unpickles it) must check its whole hash first.
+    for path in sorted((repo / "vim_core").rglob("*.py")) + sorted((repo / "flows").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        if "feature_extractor_weights_path" not in path.read_text():
+            continue
+        finds = [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+            and ast.unparse(n.func) == "find_weights"
+            and any(k.arg == "unpickled" and getattr(k.value, "value", None) is True for k in n.keywords)
+        ]
+        assert finds, f"{path.relative_to(repo)} hands weights to torch-fidelity without a whole-hash check"
 
 
 # --- SSIM -------------------------------------------------------------------------------------------------

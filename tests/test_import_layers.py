@@ -1,6 +1,6 @@
 """vim_core's imports point down its layers and never loop, checked on the sources with ast.
 
-Layers, lowest first: config (with the leaf utilities errors, io, layers), then data / tokenizer /
+Layers, lowest first: config (with the leaf utilities errors, io, layers, redact), then data / tokenizer /
 transformer, then train, eval, cli. A module may import its own layer or any below. Imports inside
 functions and under TYPE_CHECKING count like module-level ones: they are the same dependency, only later.
 """
@@ -18,6 +18,7 @@ LAYERS = {
     "vim_core.errors": 0,
     "vim_core.io": 0,
     "vim_core.layers": 0,
+    "vim_core.redact": 0,
     "vim_core.timing": 0,
     "vim_core.data": 1,
     "vim_core.tokenizer": 1,

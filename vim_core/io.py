@@ -68,13 +68,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def find_weights(weights_dir: str, filename: str, sha256_prefix: str | None, purpose: str) -> str:
+FULL_SHA256 = 64  # hex digits of a whole sha256
+
+
+def find_weights(
+    weights_dir: str, filename: str, sha256: str | None, purpose: str, *, unpickled: bool = False
+) -> str:
     """Locate a weights file under weights_dir (any fsspec URL), check its sha256, return a local path.
 
+    `sha256` is the whole digest, or (for files loaded with weights_only=True) a prefix such as the one
+    torchvision puts in its file names. A file that will be unpickled (`unpickled=True`: torch-fidelity
+    loads Inception with weights_only=False) must be checked against the whole digest: a 32-bit prefix is
+    a gate anyone can pass with a few billion tries, so a prefix is refused here as a programming error.
     Remote files are copied to a local cache first, since torch loaders want a local path.
     """
+    if unpickled and (sha256 is None or len(sha256) != FULL_SHA256):
+        raise ValueError(f"{filename} is unpickled on load: pass its whole sha256, not {sha256!r}")
     url = f"{weights_dir.rstrip('/')}/{filename}"
-    expected = f" (sha256 starts with {sha256_prefix})" if sha256_prefix else ""
+    expected = f" (sha256 {_shown(sha256)})" if sha256 else ""
     fs, path = url_fs(url)
     if not fs.exists(path):
         raise VimError(
@@ -90,14 +101,18 @@ def find_weights(weights_dir: str, filename: str, sha256_prefix: str | None, pur
         if not Path(local).exists():
             with atomic_path(local) as tmp:
                 fs.get(path, str(tmp))
-    if sha256_prefix:
+    if sha256:
         digest = sha256_file(local)
-        if not digest.startswith(sha256_prefix):
+        if digest != sha256 if len(sha256) == FULL_SHA256 else not digest.startswith(sha256):
             raise VimError(
-                f"{purpose}: weights file {url} has sha256 {digest[:16]}..., expected {sha256_prefix}...: "
+                f"{purpose}: weights file {url} has sha256 {digest}, expected {_shown(sha256)}: "
                 "refusing to load it; replace it with the original file"
             )
     return local
+
+
+def _shown(sha256: str) -> str:
+    return sha256 if len(sha256) == FULL_SHA256 else f"starting with {sha256}"
 
 
 def save_safetensors_with_spec(state: dict, spec: dict, fmt: str, path: str) -> None:

@@ -36,6 +36,8 @@ DAMAGES = {
     "checkpoint_truncated": "the file is truncated or corrupt",
     "checkpoint_bit_flipped": "sha256 does not match meta.json",
     "checkpoint_meta_missing": "missing; the checkpoint is incomplete",
+    "checkpoint_file_missing": "missing from the checkpoint",
+    "checkpoint_meta_corrupt": "corrupt checkpoint metadata",
 }
 
 
@@ -131,7 +133,17 @@ def _damage(kind: str, rng, newest: Path) -> Path:
         print(f"{kind}: {newest / META_FILE} removed")
         (newest / META_FILE).unlink()
         return newest / META_FILE
+    if kind == "checkpoint_meta_corrupt":  # cut inside its JSON: a half-written metadata file
+        text = (newest / META_FILE).read_bytes()
+        keep = rng.randrange(1, len(text.rstrip()) - 1)
+        print(f"{kind}: {newest / META_FILE} cut from {len(text)} to {keep} bytes")
+        (newest / META_FILE).write_bytes(text[:keep])
+        return newest / META_FILE
     target = rng.choice(sorted(newest.glob("*.safetensors")) + [newest / STATE_FILE])
+    if kind == "checkpoint_file_missing":
+        print(f"{kind}: {target} removed")
+        target.unlink()
+        return target
     data = bytearray(target.read_bytes())
     if kind == "checkpoint_truncated":
         keep = rng.randrange(len(data))

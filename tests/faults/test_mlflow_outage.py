@@ -111,6 +111,11 @@ class Outage:
         proc.logs = logs
         return proc, experiment
 
+    def flush(self) -> subprocess.CompletedProcess:
+        """`python -m flows.tracking flush` in the repo: replay the tracking calls stages kept."""
+        cmd = [sys.executable, "-m", "flows.tracking", "flush"]
+        return subprocess.run(cmd, cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=300)
+
     def steps_logged(self) -> int:
         jsonl = self.repo / "models/tokenizer/log/metrics.jsonl"
         return len(jsonl.read_text().splitlines()) if jsonl.is_file() else 0
@@ -267,18 +272,85 @@ def test_mlflow_stop_during_stage(outage, baseline, record_fault):
         else:
             away[i] = experiment
         problems[i] = [f"{i} ({plan}): {p}" for p in mine]
-    # the runs the server never heard the end of: RUNNING, with a gapless start of the history
+    # the runs the server never heard the end of: RUNNING with a gapless start of the history until the
+    # calls the stage kept (flows/outbox.py) are replayed (a later injection's stage may have done it
+    # already), then FINISHED with every step; anything short is lost data
     if not outage.up():
         outage.restart()
     for i, experiment in away.items():
         run, history = outage.run(experiment)
-        if run.info.status != "RUNNING" or not prefix_of(steps(history), steps(baseline["history"])):
+        if run.info.status not in ("RUNNING", "FINISHED") or not prefix_of(
+            steps(history), steps(baseline["history"])
+        ):
             problems[i].append(f"{i}: run {run.info.status}, or its history is not a gapless start")
+    if away:
+        flushed = outage.flush()
+        if flushed.returncode != 0:
+            problems[next(iter(away))].append(f"flush: {flushed.stdout}{flushed.stderr[-1500:]}")
+    for i, experiment in away.items():
+        run, history = outage.run(experiment)
+        if run.info.status != "FINISHED" or not _complete(history, baseline):
+            problems[i].append(f"{i}: after the replay, run {run.info.status} or its history is incomplete")
+            lost[i] = True
     survived = sum(not p for p in problems.values())
     data_lost = sum(lost.values())
     record_fault("mlflow_stop_during_stage", injected=len(plans), survived=survived, data_lost=data_lost)
     assert not [p for ps in problems.values() for p in ps]
     assert survived == len(plans) and data_lost == 0
+
+
+def test_mlflow_gone_past_the_stage(outage, baseline, record_fault):
+    """Killed at a random step and kept away until the stage has ended (three times): the stage exits 0
+    with its outputs and keeps the calls the server did not take beside them; a flush while the server is
+    still away keeps them all (exit 1); after the server is back (a random delay) the flush delivers them:
+    the run is FINISHED with every step and loss of the run without an outage. Anything short is a loss."""
+    rng = fault_rng("mlflow_gone_past_stage")
+    survived = data_lost = 0
+    problems = []
+    for i in range(3):
+        if not outage.up():
+            outage.restart()
+        outage.wipe()
+        kill_at = rng.randrange(2, STEPS // LOG_EVERY // 2)
+        proc, experiment = outage.start(VIM_TRACKING_FLUSH=str(rng.randint(2, 5)))
+        deadline = time.monotonic() + STAGE_TIMEOUT
+        while outage.steps_logged() < kill_at and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mine = [] if proc.poll() is None else ["the stage ended before the server was killed"]
+        outage.kill()
+        rc, err = finish(proc)
+        mine += _check_stage(rc, err, outage, "never")
+        kept = list((outage.repo / ".vim" / "outbox").glob("*/calls.jsonl"))
+        if len(kept) != 1:
+            mine.append(f"want the calls of one run kept, found {kept}")
+        early = outage.flush()
+        if early.returncode != 1 or kept and not kept[0].is_file():
+            mine.append(
+                f"a flush with the server away: exit {early.returncode}, or it dropped the kept calls"
+            )
+        time.sleep(rng.uniform(0, 3))
+        outage.restart()
+        flushed = outage.flush()
+        if flushed.returncode != 0:
+            mine.append(f"flush exit {flushed.returncode}: {flushed.stdout}{flushed.stderr[-1500:]}")
+        run, history = outage.run(experiment)
+        lost = run.info.status != "FINISHED" or not _complete(history, baseline)
+        if lost:
+            mine.append(f"after the replay: run {run.info.status}, history complete: {not lost}")
+        differ = _same_outputs(outage, baseline)
+        mine += differ
+        survived += not mine
+        data_lost += lost or bool(differ)
+        problems += [f"{i}: {p}" for p in mine]
+    record_fault("mlflow_gone_past_stage", injected=3, survived=survived, data_lost=data_lost)
+    assert not problems, problems
+
+
+def _complete(history: dict, baseline: dict) -> bool:
+    """Every step of every metric, and the losses, of the run without an outage (timings differ)."""
+    return steps(history) == steps(baseline["history"]) and (
+        history["loss/total"] == baseline["history"]["loss/total"]
+    )
 
 
 def _check_stage(rc: int, err: str, outage, plan: str) -> list[str]:

@@ -333,12 +333,6 @@ def _verdict(lab: Lab, stage: str, kills: list[Kill], final_log: str, record_fau
     )
     leftovers = _temp_files(repo)
     stale = _rwlock_entries(repo)
-    record_fault(
-        f"sigkill_{stage}",
-        injected=KILLS,
-        survived=survived if same and not leftovers and not stale else 0,
-        data_lost=lost + (not same),
-    )
     curves = [f"plots/{PREFIX[stage]}_{kind}.csv" for kind in ("loss", "train")]
     status = dvc(repo, lab.env, "status", stage)  # works: no lock held; clean: outputs recorded
     checks = {
@@ -365,7 +359,12 @@ def _verdict(lab: Lab, stage: str, kills: list[Kill], final_log: str, record_fau
         ".dvc/tmp has files the reference lacks": {p.name for p in (repo / ".dvc" / "tmp").iterdir()}
         <= {p.name for p in (lab.base / ".dvc" / "tmp").iterdir()},
     }
-    return [f"{stage}: {what}" for what, ok in checks.items() if not ok]
+    problems = [f"{stage}: {what}" for what, ok in checks.items() if not ok]
+    # Everything checked counts: a wrong curve or a dirty `dvc status` means no kill of this stage survived.
+    record_fault(
+        f"sigkill_{stage}", injected=KILLS, survived=0 if problems else survived, data_lost=lost + (not same)
+    )
+    return problems
 
 
 def test_sigkilled_training_resumes_to_the_uninterrupted_bytes(lab, record_fault):

@@ -47,6 +47,12 @@ class DataConfig(StrictModel):
         description="processes that decode and resize images (auto: this machine's cores); the shards "
         "are byte-for-byte the same for any number",
     )
+    max_classes: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="most classes a source may declare: a .cls label or a class folder beyond it is refused",
+    )
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "DataConfig":

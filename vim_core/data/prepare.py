@@ -14,6 +14,7 @@ from vim_core.data.sources import open_source
 from vim_core.data.storage import io_error
 from vim_core.errors import VimError
 from vim_core.io import atomic_dir
+from vim_core.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _write(cfg: DataConfig, tmp: Path, progress: bool) -> PrepareReport:
             f"above data.max_bad_fraction={cfg.max_bad_fraction}"
         )
     meta = {
-        "source": cfg.source.model_dump(),
+        "source": redact(cfg.source.model_dump()),  # the manifest is shown and committed: no credentials
         "image_size": cfg.image_size,
         "channels": cfg.channels,
         "class_names": source.class_names,

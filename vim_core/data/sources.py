@@ -21,6 +21,7 @@ from vim_core.data.storage import io_error, open_fs
 from vim_core.errors import VimError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_CLS_BYTES = 64  # a .cls member holds one integer label
 
 
 @dataclass
@@ -48,8 +49,8 @@ def open_source(cfg: DataConfig) -> SourceInfo:
     try:
         fs, root = open_fs(url)
         if kind == "image_folder":
-            return _image_folder(fs, root, url, cfg.split_seed)
-        return _tar_shards(fs, root, url)
+            return _image_folder(fs, root, url, cfg.split_seed, cfg.max_classes)
+        return _tar_shards(fs, root, url, cfg.max_classes)
     except VimError:
         raise
     except Exception as err:  # fsspec/s3fs surface many exception types for the same few causes
@@ -78,13 +79,18 @@ def _require(fs, root: str, url: str) -> None:
     raise VimError(f"source {url}: not found")
 
 
-def _image_folder(fs, root: str, url: str, seed: int) -> SourceInfo:
+def _image_folder(fs, root: str, url: str, seed: int, max_classes: int) -> SourceInfo:
     _require(fs, root, url)
     if not fs.isdir(root):
         raise VimError(f"source {url}: not a folder (image_folder wants one subfolder per class)")
     classes = sorted(PurePosixPath(p).name for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
         raise VimError(f"source {url}: empty (no class subfolders)")
+    if len(classes) > max_classes:
+        raise VimError(
+            f"source {url}: {len(classes)} class folders, above data.max_classes={max_classes} "
+            f"(e.g. {classes[-1]!r}); raise data.max_classes if that many classes are meant"
+        )
     files: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         found = [
@@ -139,10 +145,10 @@ def _open_tar(fs, tar_path: str, url: str) -> Iterator[tarfile.TarFile]:
         raise io_error(url, err, fs, _url_of(fs, tar_path)) from None
 
 
-def _tar_shards(fs, root: str, url: str) -> SourceInfo:
+def _tar_shards(fs, root: str, url: str, max_classes: int) -> SourceInfo:
     """Tar members are `CLASS/NAME.png` (class from the folder) or webdataset pairs `KEY.png` + `KEY.cls`."""
     tars, root = _tar_paths(fs, root, url)
-    class_names = _tar_class_names(fs, tars, url)
+    class_names = _tar_class_names(fs, tars, url, max_classes)
 
     def gen() -> Iterator[Sample]:
         for tar_path in tars:
@@ -165,7 +171,7 @@ def _tar_shards(fs, root: str, url: str) -> SourceInfo:
                     if p.suffix.lower() in IMAGE_SUFFIXES:
                         entry["img"] = data
                     elif p.suffix == ".cls":
-                        entry["cls"] = _cls_label(data, member.name, tar_path)
+                        entry["cls"] = _cls_label(data, member.name, tar_path, max_classes)
                     if "img" in entry and "cls" in entry:
                         yield Sample(key=f"{shard}:{stem}", label=entry["cls"], raw=entry["img"])
                         del pending[stem]
@@ -197,7 +203,10 @@ def _regular_member(member: tarfile.TarInfo, tar_path: str) -> bool:
     return True
 
 
-def _cls_label(data: bytes, member: str, tar_path: str) -> int:
+def _cls_label(data: bytes, member: str, tar_path: str, max_classes: int) -> int:
+    """The label in a .cls member; bounded, since the class list has one entry per label up to the largest."""
+    if len(data) > MAX_CLS_BYTES:  # a label is a few digits; a bigger member is not one
+        raise VimError(f"source {tar_path}: {member}: a .cls member of {len(data)} bytes is not a label")
     text = data.decode("utf-8", errors="replace").strip()
     try:
         label = int(text)
@@ -205,10 +214,15 @@ def _cls_label(data: bytes, member: str, tar_path: str) -> int:
         raise VimError(f"source {tar_path}: {member}: label {text[:20]!r} is not an integer") from None
     if label < 0:
         raise VimError(f"source {tar_path}: {member}: label {label} is negative")
+    if label >= max_classes:
+        raise VimError(
+            f"source {tar_path}: {member}: label {label} is not below data.max_classes={max_classes}; "
+            "raise data.max_classes if that many classes are meant"
+        )
     return label
 
 
-def _tar_class_names(fs, tars: list[str], url: str) -> list[str]:
+def _tar_class_names(fs, tars: list[str], url: str, max_classes: int) -> list[str]:
     """Scan member names (headers only) to fix the class list before any pixels are read."""
     folders: set[str] = set()
     max_cls = -1
@@ -221,9 +235,18 @@ def _tar_class_names(fs, tars: list[str], url: str) -> list[str]:
                 if p.suffix.lower() in IMAGE_SUFFIXES and len(p.parts) > 1:
                     folders.add(p.parts[-2])
                 elif p.suffix == ".cls":
-                    max_cls = max(max_cls, _cls_label(tar.extractfile(member).read(), member.name, tar_path))
+                    if member.size > MAX_CLS_BYTES:  # refused before it is read into memory
+                        raise VimError(
+                            f"source {tar_path}: {member.name}: a .cls member of {member.size} bytes is not a label"
+                        )
+                    label = _cls_label(tar.extractfile(member).read(), member.name, tar_path, max_classes)
+                    max_cls = max(max_cls, label)
     if folders and max_cls >= 0:
         raise VimError("tar shards mix CLASS/NAME.png members with .cls labels; use one layout")
+    if len(folders) > max_classes:
+        raise VimError(
+            f"tar shards {tars[0]}...: {len(folders)} class folders, above data.max_classes={max_classes}"
+        )
     if folders:
         return sorted(folders)
     if max_cls < 0:

@@ -3,7 +3,7 @@
 - "vim-domain": the DomainClassifier trained on the dataset's labels; always available, so the embedded
   default never needs downloaded weights;
 - "inception-v3-compat": torch-fidelity's InceptionV3, only when its weights file is under weights_dir and
-  its sha256 matches, since torch-fidelity unpickles that file.
+  its whole sha256 matches, since torch-fidelity unpickles that file.
 
 Each result carries a `definition` dict: what was measured, on how many images, with which settings.
 """
@@ -25,7 +25,11 @@ from vim_core.tokenizer.model import to_model_range
 DOMAIN_EXTRACTOR = "vim-domain"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_SHA256_PREFIX = "6726825d"
+# The whole sha256 of torch-fidelity's v0.2.0 release asset INCEPTION_URL (95,628,359 bytes). The file
+# cannot be downloaded here: this is the digest that several public projects pin for that exact URL (and
+# for pytorch-fid's pt_inception-2015-12-05-6726825d.pth), found by searching public code, not measured.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+INCEPTION_SHA256_PREFIX = INCEPTION_SHA256[:8]  # the part torch-fidelity puts in the file name
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
@@ -249,17 +253,17 @@ def inception_metrics(
     isc_splits: int = 10,
     batch_size: int = 64,
     device: str | torch.device | None = None,
-    expected_sha256_prefix: str = INCEPTION_SHA256_PREFIX,
+    expected_sha256: str = INCEPTION_SHA256,
 ) -> dict:
     """Inception FID/KID/IS when its weights are under weights_dir; otherwise None values and `skipped`.
 
-    A file whose sha256 does not start with expected_sha256_prefix is refused (VimError) before torch-fidelity
-    unpickles it. Grayscale images are repeated to 3 channels; the network resizes to 299 itself.
+    A file whose whole sha256 is not expected_sha256 is refused (VimError) before torch-fidelity unpickles
+    it; a prefix match is not enough. Grayscale images are repeated to 3 channels; the network resizes to 299 itself.
     """
     reason = inception_skip_reason(weights_dir)
     if reason is not None:
         return {"fid_inception": None, "isc_inception": None, "kid_inception": None, "skipped": reason}
-    local = find_weights(weights_dir, INCEPTION_FILE, expected_sha256_prefix, "Inception FID/IS/KID")
+    local = find_weights(weights_dir, INCEPTION_FILE, expected_sha256, "Inception FID/IS/KID", unpickled=True)
     channels_in = UInt8Images(images_a).images.shape[1]  # 1: grayscale, repeated to RGB below
     a, b = UInt8Images(images_a, 3), UInt8Images(images_b, 3)
     raw, used = _calculate(
@@ -273,6 +277,7 @@ def inception_metrics(
         used,
         input_channels=channels_in,
         weights_file=INCEPTION_FILE,
-        weights_sha256_prefix=expected_sha256_prefix,
+        weights_sha256_prefix=expected_sha256[:8],
+        weights_sha256=expected_sha256,
     )
     return _result(raw, "inception", definition)
