@@ -53,7 +53,14 @@ MLFLOW_EXPERIMENT = "faults-registry"  # tracking_env's experiment, for the regi
 # makes two or three such calls after the kill (its end state, the log flush). 2 keep it near 15 s.
 FAULT_ENV = {"PREFECT_CLIENT_MAX_RETRIES": "2"}
 ENDS_WITHIN_S = 120.0  # after the kill
-STAGES = ("prepare_data", "train_tokenizer", "tokenize_dataset", "pretrain_transformer", "evaluate")
+STAGES = (
+    "prepare_data",
+    "train_classifier",
+    "train_tokenizer",
+    "tokenize_dataset",
+    "pretrain_transformer",
+    "evaluate",
+)
 SERVING_REPORT = REPORT.with_name("serving_load.json")
 CAP = 16  # VIM_MAX_IMAGES_PER_REQUEST of the served generator
 
