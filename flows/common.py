@@ -154,6 +154,9 @@ def run_flow_cli(validate: Callable[[], object], run: Callable[[], object], flow
     bad input files (ConfigError) or 1 for any other VimError, including a failed flow run. With
     flow_state=False, run() is plain work, not a flow: no Prefect API is started and nothing is returned."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Prefect's logging set-up resets the root logger to WARNING when the flow starts; progress lines
+    # (vim_core.progress) set their own level so that they still reach stderr.
+    logging.getLogger("vim.progress").setLevel(logging.INFO)
     redact_logs()
     try:
         validate()

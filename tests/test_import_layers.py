@@ -20,6 +20,7 @@ LAYERS = {
     "vim_core.layers": 0,
     "vim_core.redact": 0,
     "vim_core.timing": 0,
+    "vim_core.progress": 0,
     "vim_core.data": 1,
     "vim_core.tokenizer": 1,
     "vim_core.transformer": 1,

@@ -7,6 +7,7 @@ import numpy as np
 from vim_core.data.shards import ShardWriter, iter_shards, read_manifest
 from vim_core.errors import VimError
 from vim_core.io import atomic_dir, sha256_file
+from vim_core.progress import Progress
 from vim_core.tokenizer.export import load_tokenizer
 
 
@@ -39,12 +40,14 @@ def tokenize_dataset(
         )
         total = sum(sp["count"] for sp in source["splits"].values())
         bar = tqdm(total=total, desc="tokenize_dataset", unit="img", disable=not progress)
+        lines = Progress("tokenize_dataset", total, unit="img", per_second=True)
         for split in sorted(source["splits"]):
             for images, labels in iter_shards(prepared_root, split):
                 tokens = tokenizer.encode_uint8(images, batch_size).numpy().astype(np.uint16)
                 for t, y in zip(tokens, labels, strict=True):
                     writer.add(split, t, int(y))
                 bar.update(len(images))
+                lines.update(len(images))
         bar.close()
         manifest = writer.close(
             {

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from vim_core.config.training import TrainLoopConfig
 from vim_core.data.shards import iter_batches
 from vim_core.errors import VimError
+from vim_core.progress import Progress
 from vim_core.train import distributed as vdist
 from vim_core.train.checkpoint import save_checkpoint
 from vim_core.train.loop import enable_tf32, progress, resumable_batches
@@ -277,6 +278,8 @@ def run_steps(
     """
     started = time.monotonic()
     bar = progress(total=steps, initial=start, desc=desc)
+    lines = Progress(desc, steps, done=start, enabled=ctx.info.is_main)  # the bar's twin for logs
+    shown = None
     for step in range(start, steps):
         began = time.perf_counter()
         with torch.profiler.record_function(STEP_RANGE):
@@ -292,8 +295,9 @@ def run_steps(
                 metrics = {f"loss/{k}": v for k, v in losses.items()}
                 metrics.update(result.extra)
                 tracker.log_metrics(metrics, step)
-                shown = losses.get("total", next(iter(losses.values())))
-                bar.set_postfix(loss=f"{float(shown):.4f}")
+                shown = float(losses.get("total", next(iter(losses.values()))))
+                bar.set_postfix(loss=f"{shown:.4f}")
+        lines.update(1, loss=shown)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == steps:
             checkpoint(step + 1)
     bar.close()
