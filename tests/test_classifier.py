@@ -1,5 +1,7 @@
 """The domain classifier: accuracy on the embedded MNIST split, probabilities, and its safetensors file."""
 
+import logging
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -87,7 +89,7 @@ def test_architecture_follows_image_size(channels, size):
     assert size // 2**pools <= 4 < size // 2 ** (pools - 1)  # halved just far enough to reach 4x4
 
 
-def test_the_stage_trains_two_classifiers_and_picks_wd_on_val(tmp_path):
+def test_the_stage_trains_two_classifiers_and_picks_wd_on_val(tmp_path, caplog, monkeypatch):
     """train_classifier's work: the weight decay by val accuracy, an independent scorer, one-line errors."""
     from vim_core.config import DataConfig
     from vim_core.config.pipeline import ClassifierConfig
@@ -97,7 +99,14 @@ def test_the_stage_trains_two_classifiers_and_picks_wd_on_val(tmp_path):
     data = DataConfig(out_dir=str(tmp_path / "data"), max_images=800)
     prepare(data)
     cfg = ClassifierConfig(epochs=1, weight_decays=[0.0, 0.5])
+    monkeypatch.setenv("VIM_PROGRESS_EVERY", "0")
+    caplog.set_level(logging.DEBUG, logger="vim.progress")
     report = fit_classifiers(cfg, data.out_dir, tmp_path / "clf")
+    fits = [r.getMessage() for r in caplog.records if r.name == "vim.progress"]
+    assert [m.split(",")[0] for m in fits] == [
+        f"train_classifier: fit {i}/3 ({i / 3:.0%})" for i in (1, 2, 3)
+    ]
+    assert "val_accuracy" in fits[0] and "s/fit, ETA" in fits[0] and "done in" in fits[-1]
     assert (
         report["classifier_weight_decay"] in (0.0, 0.5)
         and "by val accuracy" in report["definitions"]["weight_decay"]

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -179,7 +181,9 @@ def test_sampling_search_prefers_the_model_over_near_uniform_tokens(eval_params,
     assert "class_accuracy >= 1.0" in guarded["conditional"]["rule"]
 
 
-def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path):
+def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("VIM_PROGRESS_EVERY", "0")  # a progress line at every unit
+    caplog.set_level(logging.DEBUG, logger="vim.progress")
     raw = eval_params.model_dump(mode="json")
     raw["evaluate"]["sampling_search"] = {
         "cfg_scales": [1.0, 3.0],
@@ -218,6 +222,20 @@ def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path
     assert out["fid_domain_uncond_val"] == ubest["fid_domain"]
     assert out["timings_seconds"]["sampling_search"] > 0
     assert eval_config_hash(parse_params(raw)) != eval_config_hash(eval_params)
+
+    # Progress in logs (README): each phase as it begins, and the long ones unit by unit
+    lines = [r.getMessage() for r in caplog.records if r.name == "vim.progress"]
+    phases = [m.split(" ")[2] for m in lines if m.startswith("evaluate: phase ")]
+    assert phases == ["sampling_search", "sampling", "unconditional", "baselines", "reconstruction", "probe"]
+    search = [m for m in lines if m.startswith("evaluate sampling_search: candidate ")]
+    assert [m.split(" ")[3] for m in search] == [f"{i}/9" for i in range(1, 10)], search
+    assert re.search(r", fid_domain [\d.]+, [\d.]+ s/candidate, done in \w+$", search[-1]), search[-1]
+    blocks = (
+        eval_params.transformer.resolved_model().layers + 2
+    )  # every block, the pixels, the random-init VIM
+    probe = [m for m in lines if m.startswith("evaluate probe: set ")]
+    assert len(probe) == blocks and probe[-1].startswith(f"evaluate probe: set {blocks}/{blocks} (100%)")
+    assert "features block 0" in probe[0] and "features random_init" in probe[-1]
 
 
 def _with_noise_for_test_pixels(src, dst) -> None:

@@ -14,6 +14,7 @@ from vim_core.data.shards import load_split, read_manifest
 from vim_core.errors import VimError
 from vim_core.eval.classifier import class_accuracy, load_classifier, save_classifier, train_classifier
 from vim_core.io import atomic_dir
+from vim_core.progress import Progress
 
 CLASSIFIER = "classifier.safetensors"  # FID/KID features, IS logits, class accuracy
 SCORER = "scorer.safetensors"  # rejection-sampling scores only
@@ -29,9 +30,10 @@ def fit_classifiers(cfg: ClassifierConfig, data_root: str | Path, out_dir: str |
         )
     train, val, test = (load_split(data_root, s) for s in ("train", "val", "test"))
     num_classes = manifest["num_classes"]
+    lines = Progress("train_classifier", len(cfg.weight_decays) + 1, unit="fit")  # + the scorer
 
     def fit(wd: float, seed: int, width: int):
-        return train_classifier(
+        model, report = train_classifier(
             *train,
             *val,
             num_classes=num_classes,
@@ -42,6 +44,8 @@ def fit_classifiers(cfg: ClassifierConfig, data_root: str | Path, out_dir: str |
             seed=seed,
             width=width,
         )
+        lines.update(1, val_accuracy=round(report["test_accuracy"], 4))
+        return model, report
 
     fits = {wd: fit(wd, cfg.seed, cfg.width) for wd in cfg.weight_decays}
     by_wd = {repr(wd): round(report["test_accuracy"], 4) for wd, (_, report) in fits.items()}  # on val

@@ -15,6 +15,7 @@ from vim_core.config.transformer import RejectionConfig
 from vim_core.eval import fidelity
 from vim_core.eval.classifier import class_accuracy, load_classifier, predict_proba
 from vim_core.eval.sampling_search import search_sampling
+from vim_core.progress import phase
 from vim_core.tokenizer.export import Tokenizer
 from vim_core.transformer.gpt import VIM
 from vim_core.transformer.sampling import sample, select_by_score
@@ -85,6 +86,7 @@ def generation_metrics(
     out, defs = {}, {}
     search = None
     if e.sampling_search is not None:
+        phase("evaluate", "sampling_search", "settings chosen on the val split")
         rows = np.random.default_rng(seed).permutation(len(val_x))[: e.sampling_search.reference_images]
         search = search_sampling(
             e.sampling_search,
@@ -105,6 +107,7 @@ def generation_metrics(
     # 2N balanced candidates; the first N are the plain samples, the top half per class the
     # rejection-sampled ones, so both sets hold N images and their FIDs compare at the same sample count.
     n = e.num_samples
+    phase("evaluate", "sampling", f"{2 * n} candidates, rejection keeps {n}")
     t = time.monotonic()
     labels = torch.arange(2 * n) % num_classes if conditional else None
     tokens = sample(vim, 2 * n, labels, seed=seed, batch_size=s.batch_size, **plain_setting)
@@ -150,6 +153,7 @@ def generation_metrics(
 
     # Unconditional generation (the paper reports it too): a conditional VIM samples p(x) through its
     # null class, without guidance; an unconditional VIM's plain samples already are.
+    phase("evaluate", "unconditional", f"{n} samples")
     t = time.monotonic()
     if conditional:
         draws = sample(vim, n, None, seed=seed, batch_size=s.batch_size, **uncond_setting)

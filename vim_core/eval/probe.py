@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vim_core.config.pipeline import ProbeConfig
 from vim_core.errors import VimError
+from vim_core.progress import Progress
 from vim_core.transformer.gpt import VIM
 
 
@@ -289,17 +290,27 @@ def probe_with_config(
 
 
 def probe_blocks(
-    cfg: ProbeConfig, train_feats, train_y, test_feats, test_y, num_classes: int, seed: int = 0, val=None
+    cfg: ProbeConfig,
+    train_feats,
+    train_y,
+    test_feats,
+    test_y,
+    num_classes: int,
+    seed: int = 0,
+    val=None,
+    lines: Progress | None = None,
 ) -> dict:
     """Probe every block (features (layers, N, dim)) and pick one on validation rows, never on test.
 
     `val`: (features (layers, M, dim), labels) of the val split; None holds out cfg.val_fraction of the
     train rows instead. The block is cfg.block when set (0-based), else the one with the best val
     accuracy (ties go to the shallower block). Every block's test accuracy is returned too, as the curve
-    over depth, but only the val score chooses. Block 0 is the first Transformer block.
+    over depth, but only the val score chooses. Block 0 is the first Transformer block. `lines` counts
+    one unit per block probed.
     """
-    results = [
-        probe_with_config(
+
+    def block(b: int) -> dict:
+        result = probe_with_config(
             cfg,
             train_feats[b],
             train_y,
@@ -309,8 +320,11 @@ def probe_blocks(
             seed,
             val=(val[0][b], val[1]) if val is not None else None,
         )
-        for b in range(len(train_feats))
-    ]
+        if lines is not None:
+            lines.update(1, features=f"block {b}")
+        return result
+
+    results = [block(b) for b in range(len(train_feats))]
     if cfg.block is not None:
         if not 0 <= cfg.block < len(results):
             raise VimError(f"transformer.probe.block {cfg.block} is out of range for {len(results)} blocks")

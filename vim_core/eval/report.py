@@ -18,6 +18,7 @@ from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
 from vim_core.eval.ssim import ssim
 from vim_core.io import spec_hash
+from vim_core.progress import Progress, phase
 from vim_core.tokenizer.export import Tokenizer, load_tokenizer
 from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.train.tracking import save_image
@@ -119,6 +120,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         out["definitions"].update(generation=skipped, rejection=skipped, generation_uncond=skipped)
 
     # Floor and ceiling on the same pipeline.
+    phase("evaluate", "baselines", "real and unigram FID_domain")
     floor_rows = np.random.default_rng(seed).permutation(len(train_x))
     k = min(n, len(train_x))
     out["fid_domain_real"] = dm(train_x[floor_rows[:k]], test_x)["fid_domain"]
@@ -130,6 +132,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     }
 
     # Reconstruction.
+    phase("evaluate", "reconstruction", f"{n_ref} test images")
     t = time.monotonic()
     test_tokens = tokenizer.encode_uint8(test_x)
     recon = tokenizer.decode_uint8(test_tokens)
@@ -151,6 +154,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
 
     # Linear probe, beside two baselines on the same splits.
     if e.probes:
+        phase("evaluate", "probe", "every block, the pixels, a random-init VIM")
         t = time.monotonic()
         splits = (train_x, train_y, val_x, val_y, test_x, test_y)
         out.update(_probe(params, vim, tokenizer, splits, test_tokens, num_classes, seed))
@@ -197,6 +201,8 @@ def _probe(
     """Probe accuracies on test; block and weight decays chosen on the val split's features."""
     train_x, train_y, val_x, val_y, test_x, test_y = splits
     p = params.transformer.probe
+    # one unit per feature set probed: each block, the pixels, the random-init VIM
+    lines = Progress("evaluate probe", vim.cfg.layers + 2, unit="set")
     limit = params.evaluate.max_probe_train or len(train_x)
     idx = np.random.default_rng(seed).permutation(len(train_x))[:limit]
     tr_x, tr_y = train_x[idx], train_y[idx]
@@ -212,6 +218,7 @@ def _probe(
         num_classes,
         seed,
         val=(extract_block_features(vim, val_tokens), val_y),
+        lines=lines,
     )
     block = curve["block"]
     chosen: dict[str, float] = {"vim": curve["weight_decay"]}
@@ -228,6 +235,7 @@ def _probe(
             val=(features(val_x, val_tokens), val_y),
         )
         chosen[name] = res["weight_decay"]
+        lines.update(1, features=name)
         return round(res["accuracy"], 4)
 
     torch.manual_seed(seed)

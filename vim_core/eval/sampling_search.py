@@ -23,6 +23,7 @@ import torch
 from vim_core.config.pipeline import SamplingSearchConfig
 from vim_core.eval import fidelity
 from vim_core.eval.classifier import class_accuracy, load_classifier
+from vim_core.progress import Progress
 from vim_core.tokenizer.export import Tokenizer
 from vim_core.transformer.gpt import VIM
 from vim_core.transformer.sampling import sample
@@ -73,6 +74,7 @@ def search_sampling(
         row = {**setting, "fid_domain": round(result["fid_domain"], 3)}
         if labels is not None:  # what a lower FID costs in class fidelity; min_class_accuracy floors it
             row["class_accuracy"] = round(class_accuracy(classifier, images, labels.numpy()), 4)
+        lines.update(1, fid_domain=row["fid_domain"])
         return row
 
     def settings(scales, temperatures, top_ks, top_ps) -> list[dict]:
@@ -80,6 +82,11 @@ def search_sampling(
         return [dict(zip(SETTING, c, strict=True)) for c in combos]
 
     truncations = (_unique(cfg.top_ks), _unique(cfg.top_ps))
+    # Candidates: the unconditional grid, and for a conditional VIM each scale, then the grid at the scale
+    # picked less its plain setting, which the scales already scored.
+    grid = len(settings([1.0], cfg.temperatures, *truncations))
+    total = grid + (len(set(cfg.cfg_scales)) + grid - 1 if conditional else 0)
+    lines = Progress("evaluate sampling_search", total, unit="candidate")
     out: dict = {"conditional": None}
     if conditional:
         plain_t = min(cfg.temperatures, key=lambda t: (abs(t - 1), t))
