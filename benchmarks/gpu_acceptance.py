@@ -48,8 +48,8 @@ from benchmarks.sampling import cache_throughput
 from vim_core.config import parse_params, read_params_file
 from vim_core.config.transformer import resolve_model
 from vim_core.data.prepare import prepare
-from vim_core.data.tokenize import tokenize_dataset
 from vim_core.io import atomic_write_text
+from vim_core.tokenizer.encode_dataset import tokenize_dataset
 from vim_core.transformer import VIM
 
 REPO = Path(__file__).resolve().parents[1]

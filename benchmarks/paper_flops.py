@@ -25,7 +25,7 @@ from vim_core.io import atomic_write_text
 from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss
 from vim_core.tokenizer.losses import reconstruction_losses
 from vim_core.tokenizer.model import build_tokenizer
-from vim_core.train.run import count_flops
+from vim_core.train.flops import count_flops
 from vim_core.transformer.gpt import VIM
 
 TOKENIZER_BATCH = 256
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "paper_flops",
         "machine": host.machine(),
         "torch": torch.__version__,
-        "counter": "vim_core.train.run.count_flops (FlopCounterMode, CPU attention counted too), forward + backward",
+        "counter": "vim_core.train.flops.count_flops (FlopCounterMode, CPU attention counted too), forward + backward",
         "vim": {p: vim_flops(p) for p in ("vim-base", "vim-large")},
         "tokenizer": {
             "SS": tokenizer_flops("small"),

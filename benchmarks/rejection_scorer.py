@@ -18,9 +18,9 @@ import yaml
 
 from vim_core.config import parse_params
 from vim_core.data.prepare import prepare
-from vim_core.data.tokenize import tokenize_dataset
 from vim_core.eval.classifier_stage import CLASSIFIER, SCORER, fit_classifiers
 from vim_core.eval.report import evaluate
+from vim_core.tokenizer.encode_dataset import tokenize_dataset
 from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 

@@ -38,10 +38,10 @@ from benchmarks import host
 from vim_core.config import Params, apply_overrides, load_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import read_manifest
-from vim_core.data.tokenize import tokenize_dataset
 from vim_core.errors import ConfigError, VimError
 from vim_core.io import atomic_write_text
 from vim_core.timing import time_calls
+from vim_core.tokenizer.encode_dataset import tokenize_dataset
 from vim_core.tokenizer.export import save_tokenizer
 from vim_core.tokenizer.model import build_tokenizer
 from vim_core.train import run

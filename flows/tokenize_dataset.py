@@ -13,7 +13,7 @@ from vim_core.config import Params
 @task
 def encode(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Encode the prepared dataset into token shards."""
-    from vim_core.data.tokenize import tokenize_dataset
+    from vim_core.tokenizer.encode_dataset import tokenize_dataset
 
     tokenizer = str(Path(params.tokenizer.out_dir) / "tokenizer.safetensors")
     manifest = tokenize_dataset(

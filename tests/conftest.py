@@ -163,7 +163,7 @@ def stage2(tmp_path_factory) -> Path:
     from tests.test_transformer_stage import stage2_params
     from vim_core.config import parse_params
     from vim_core.data.prepare import prepare
-    from vim_core.data.tokenize import tokenize_dataset
+    from vim_core.tokenizer.encode_dataset import tokenize_dataset
     from vim_core.train.tokenizer_trainer import train_tokenizer
 
     tmp = tmp_path_factory.mktemp("stage2")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from vim_core.config import parse_params
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import iter_batches, read_manifest
-from vim_core.data.tokenize import tokenize_dataset
+from vim_core.tokenizer.encode_dataset import tokenize_dataset
 from vim_core.tokenizer.export import save_tokenizer
 from vim_core.tokenizer.model import build_tokenizer
 

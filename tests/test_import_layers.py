@@ -1,8 +1,11 @@
 """vim_core's imports point down its layers and never loop, checked on the sources with ast.
 
-Layers, lowest first: config (with the leaf utilities errors, io, layers, redact), then data / tokenizer /
-transformer, then train, eval, cli. A module may import its own layer or any below. Imports inside
-functions and under TYPE_CHECKING count like module-level ones: they are the same dependency, only later.
+Layers, lowest first (PACKAGE_ORDER): the leaf utilities (errors, io, layers, redact, timing) and config,
+then data, tokenizer, transformer, train, eval, cli, one package to a layer above config. A module may
+import its own package or any package below it, so the packages form a chain with no cycle between
+them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
+Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
+dependency, only later.
 """
 
 import ast
@@ -12,22 +15,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "vim_core"
 
-LAYERS = {
-    "vim_core": 0,  # the package's __init__: a version string, no imports
-    "vim_core.config": 0,
-    "vim_core.errors": 0,
-    "vim_core.io": 0,
-    "vim_core.layers": 0,
-    "vim_core.redact": 0,
-    "vim_core.timing": 0,
-    "vim_core.progress": 0,
-    "vim_core.data": 1,
-    "vim_core.tokenizer": 1,
-    "vim_core.transformer": 1,
-    "vim_core.train": 2,
-    "vim_core.eval": 3,
-    "vim_core.cli": 4,
-}
+# Lowest first; the packages of one tuple share a layer (the leaf utilities may import each other, the
+# module-level cycle check still keeps them from looping).
+PACKAGE_ORDER = (
+    (
+        "vim_core",  # the package's __init__: a version string, no imports
+        "vim_core.config",
+        "vim_core.errors",
+        "vim_core.io",
+        "vim_core.layers",
+        "vim_core.redact",
+        "vim_core.timing",
+        "vim_core.progress",
+    ),
+    ("vim_core.data",),
+    ("vim_core.tokenizer",),  # reads and writes shards: palette fitting, tokenize_dataset
+    ("vim_core.transformer",),
+    ("vim_core.train",),
+    ("vim_core.eval",),
+    ("vim_core.cli",),
+)
+LAYERS = {package: layer for layer, group in enumerate(PACKAGE_ORDER) for package in group}
 ABOVE_CONFIG = (
     "vim_core.data",
     "vim_core.tokenizer",
@@ -73,7 +81,7 @@ def layer_of(module: str) -> int:
     # The root package names only its own __init__; every other entry covers its submodules too.
     matches = [p for p in LAYERS if module == p or (p != "vim_core" and module.startswith(p + "."))]
     if not matches:
-        raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
+        raise AssertionError(f"{module} is in no layer: add it to PACKAGE_ORDER in {Path(__file__).name}")
     return LAYERS[max(matches, key=len)]
 
 
@@ -109,6 +117,19 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
+def package_of(module: str) -> str:
+    """The top-level piece of vim_core a module belongs to: vim_core.data.shards -> vim_core.data."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed onto packages: package -> the other packages its modules import."""
+    packages: dict[str, set[str]] = {}
+    for src, targets in graph.items():
+        packages.setdefault(package_of(src), set()).update(package_of(t) for t in targets)
+    return {p: targets - {p} for p, targets in packages.items()}
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     return sorted(
         f"{src} (layer {layer_of(src)}) imports {dst} (layer {layer_of(dst)})"
@@ -120,6 +141,10 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_no_import_cycles_between_packages():
+    assert cycles(package_graph(import_graph())) == []
 
 
 def test_config_imports_nothing_above_it_and_no_torch():
@@ -152,6 +177,11 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
         "tokenizer/losses.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
         "    from vim_core.tokenizer import model\n",
         "tokenizer/vit.py": "from . import model\n",
+        # No module loop, but a package one: data -> tokenizer -> data, as data.tokenize and palette had.
+        "data/__init__.py": "",
+        "data/shards.py": "",
+        "data/tokenize.py": "from vim_core.tokenizer.vit import encode\n",
+        "tokenizer/palette.py": "from vim_core.data.shards import iter_shards\n",
     }.items():
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
@@ -162,9 +192,15 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
         ["vim_core.config", "vim_core.train.schedule"],
         ["vim_core.tokenizer.losses", "vim_core.tokenizer.model"],
     ]
+    assert cycles(package_graph(graph)) == [
+        ["vim_core.config", "vim_core.train"],
+        ["vim_core.data", "vim_core.tokenizer"],
+    ]
     assert upward_imports(graph) == [
-        "vim_core.config (layer 0) imports vim_core.train (layer 2)",
-        "vim_core.config (layer 0) imports vim_core.train.schedule (layer 2)",
+        "vim_core.config (layer 0) imports vim_core.train (layer 4)",
+        "vim_core.config (layer 0) imports vim_core.train.schedule (layer 4)",
+        "vim_core.data.tokenize (layer 1) imports vim_core.tokenizer (layer 2)",
+        "vim_core.data.tokenize (layer 1) imports vim_core.tokenizer.vit (layer 2)",
     ]
     with pytest.raises(AssertionError, match="vim_core.newtop is in no layer"):
         layer_of("vim_core.newtop")

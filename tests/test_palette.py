@@ -12,8 +12,8 @@ from vim_core.config.data import DataConfig
 from vim_core.config.tokenizer import TokenizerModelConfig, ViTConfig
 from vim_core.data.prepare import prepare
 from vim_core.data.shards import load_split
-from vim_core.data.tokenize import tokenize_dataset
 from vim_core.errors import ConfigError, VimError
+from vim_core.tokenizer.encode_dataset import tokenize_dataset
 from vim_core.tokenizer.export import load_tokenizer, save_tokenizer
 from vim_core.tokenizer.model import build_tokenizer, to_model_range, to_uint8
 from vim_core.tokenizer.palette import PaletteTokenizer, fit_palette, fit_palette_tokenizer

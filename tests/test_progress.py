@@ -110,7 +110,7 @@ def test_a_stage_with_stderr_in_a_file_logs_periodic_progress(repo_copy, tmp_pat
     from tests.test_orchestration_pipeline import tiny_params
     from vim_core.config import load_params
     from vim_core.data.prepare import prepare
-    from vim_core.data.tokenize import tokenize_dataset
+    from vim_core.tokenizer.encode_dataset import tokenize_dataset
 
     raw = tiny_params(yaml.safe_load((repo_copy / "params.yaml").read_text()))
     raw["tokenizer"]["train"].update(steps=300, checkpoint_every=300)  # about 3 s of steps

@@ -1,4 +1,4 @@
-"""What the trainers share (vim_core.train.run): resume after SIGKILL, and budgets in FLOPs."""
+"""What the trainers share (vim_core.train.run, .flops): resume after SIGKILL, and budgets in FLOPs."""
 
 import json
 import os
@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from tests.test_transformer_stage import stage2_params
 from vim_core.config import parse_params
 from vim_core.errors import ConfigError, VimError
-from vim_core.train.run import count_flops, flops_until, resolve_budget, step_time_metrics
+from vim_core.train.flops import count_flops, flops_until, resolve_budget
+from vim_core.train.run import step_time_metrics
 from vim_core.train.tokenizer_trainer import train_tokenizer
 from vim_core.train.transformer_trainer import train_transformer
 

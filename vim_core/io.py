@@ -181,20 +181,75 @@ def load_safetensors_with_spec(path: str, fmt: str, what: str) -> tuple[dict, di
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; swap it in only if the block succeeds, else keep the old `final`."""
+def atomic_dir(final: str | Path, tmp_name: str | None = None, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; swap it in only if the block succeeds, else keep the old `final`.
+
+    The one atomic-directory writer (datasets, token shards, classifiers, the outbox, checkpoints).
+    `tmp_name` names the temp dir (default `.NAME.tmp`, cleared by the next write of `final`; checkpoints
+    pass a name of their own per save). An old `final` is moved aside before the new one is renamed in, so
+    a crash leaves the old or the new directory under the final name, never a half-deleted one. With
+    `durable`, the files and the temp dir are fsynced before the rename and the parent after it, so the
+    directory under its final name survives a power cut whole.
+    """
     import shutil
 
     final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp"
+    tmp = final.parent / (tmp_name or f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True)  # not mkdtemp, which forces 0700: the umask's usual permissions
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if durable:
+            fsync_tree(tmp)
+        _swap_in(tmp, final)
+        if durable:
+            fsync_dir(final.parent)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # never hides the error that brought us here
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename tmp to final. A directory cannot be renamed onto a non-empty one: the old final is moved
+    into a `.old-NAME-*` dir first and deleted after; one left by a crash goes at the next swap."""
+    import shutil
+
+    for child in final.parent.iterdir():
+        if child.name.startswith(f".old-{final.name}-") and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    stale = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+    os.replace(final, stale / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root, then root itself."""
+    for path in root.rglob("*"):
+        if path.is_dir():
+            fsync_dir(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # a failure here (EIO, ENOSPC) is the write's failure: it raises
+            finally:
+                os.close(fd)
+    fsync_dir(root)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory's entries; filesystems that refuse it are let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vim_core.errors import VimError
-from vim_core.io import sha256_file
+from vim_core.io import atomic_dir, sha256_file
 from vim_core.train import distributed as vdist
 
 log = logging.getLogger(__name__)
@@ -173,24 +172,6 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 # ---------------------------------------------------------------- save
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
     ckpt_dir: str | Path,
     step: int,
@@ -274,12 +255,11 @@ def _write_atomic(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state
 
 
 def _write_files(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state: dict) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / step_dir_name(step)
-    # os.mkdir (not mkdtemp, which forces 0700) so the checkpoint gets the umask's usual permissions.
-    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.mkdir(tmp)
-    try:
+    # A temp name of its own per save, which prune_checkpoints sweeps when a crash leaves it behind;
+    # durable: every file and the directory are on disk before the step's name appears.
+    tmp_name = f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with atomic_dir(final, tmp_name=tmp_name, durable=True) as tmp:
         files: dict[str, dict] = {}
         for name, module in modules.items():
             path = tmp / f"{name}.safetensors"
@@ -292,24 +272,9 @@ def _write_files(ckpt_dir: Path, step: int, modules: dict[str, Stateful], state:
         mode = (tmp / STATE_FILE).stat().st_mode & 0o777  # safetensors writes 0600; match torch.save's umask
         for fname in files:
             os.chmod(tmp / fname, mode)
-            _fsync_file(tmp / fname)
             files[fname] = {"sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size}
         meta = {"format": FORMAT_VERSION, "step": int(step), "files": files}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _fsync_file(tmp / META_FILE)
-        _fsync_dir(tmp)
-        if final.exists():
-            # A directory cannot be os.replace'd onto a non-empty one: move the old one aside first.
-            stale = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=ckpt_dir))
-            os.replace(final, stale / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

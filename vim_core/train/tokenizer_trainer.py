@@ -18,7 +18,7 @@ from vim_core.tokenizer.metrics import codebook_perplexity, codebook_usage, psnr
 from vim_core.tokenizer.model import VQTokenizer, build_tokenizer, to_model_range
 from vim_core.tokenizer.palette import fit_palette_tokenizer
 from vim_core.train import distributed as vdist
-from vim_core.train import run
+from vim_core.train import flops, run
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
 from vim_core.train.schedule import make_scheduler
@@ -106,14 +106,14 @@ def step_flops(
     """
     device = ctx.device
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    m = run.frozen_copy(model).train()
-    d = run.frozen_copy(disc).train() if disc is not None else None
+    m = flops.frozen_copy(model).train()
+    d = flops.frozen_copy(disc).train() if disc is not None else None
 
     def generator(gan_on: bool):
         return lambda: _generator_losses(cfg, m, d, perceptual, x, gan_on, device)[1]["total"].backward()
 
     # Warm-up first, so a one-off codebook initialisation from data is not counted as a step.
-    plain = run.count_flops(generator(False), warmup=True)
+    plain = flops.count_flops(generator(False), warmup=True)
     if d is None:
         return [(0, plain)]
     fake = x.flip(0)
@@ -126,9 +126,9 @@ def step_flops(
 
         return run
 
-    with_gan = run.count_flops(generator(True))
-    d_plain = run.count_flops(disc_step(False))
-    r1_extra = run.count_flops(disc_step(True)) - d_plain if cfg.loss.r1_weight > 0 else 0
+    with_gan = flops.count_flops(generator(True))
+    d_plain = flops.count_flops(disc_step(False))
+    r1_extra = flops.count_flops(disc_step(True)) - d_plain if cfg.loss.r1_weight > 0 else 0
     gan_phase = with_gan + d_plain + round(r1_extra / cfg.loss.r1_every)
     return [(0, plain), (cfg.loss.adversarial_start_step, gan_phase)]
 
@@ -167,7 +167,7 @@ def train_tokenizer(
     phases = step_flops(
         cfg, ctx, model, disc, perceptual, (ctx.local_batch, channels, image_size, image_size)
     )
-    budget = run.resolve_budget(t, "tokenizer", phases, ctx.info.world_size)
+    budget = flops.resolve_budget(t, "tokenizer", phases, ctx.info.world_size)
     fused = device.type == "cuda"  # one fused AdamW kernel per step on GPUs
     opt = _optimizer(_param_groups(model, cfg), cfg, fused)
     sched = make_scheduler(opt, t.schedule, budget.steps)

@@ -10,7 +10,7 @@ from vim_core.config.pipeline import TransformerSection
 from vim_core.config.transformer import TransformerModelConfig
 from vim_core.data.shards import iter_shards, read_manifest
 from vim_core.train import distributed as vdist
-from vim_core.train import run
+from vim_core.train import flops, run
 from vim_core.train.checkpoint import code_digest, maybe_resume
 from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
 from vim_core.train.schedule import make_scheduler
@@ -64,8 +64,8 @@ def step_flops(cfg: TransformerSection, ctx: run.RunContext, model: VIM) -> list
     y = None
     if model.num_classes > 0:
         y = torch.randint(0, model.num_classes, (ctx.local_batch,), generator=g).to(ctx.device)
-    m = run.frozen_copy(model).train()
-    return [(0, run.count_flops(lambda: _loss(m, x, y, cfg.train.bf16).backward()))]
+    m = flops.frozen_copy(model).train()
+    return [(0, flops.count_flops(lambda: _loss(m, x, y, cfg.train.bf16).backward()))]
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def train_transformer(
     set_seed(seed)
     model = build_vim(cfg, manifest).to(device)
     conditional = model.num_classes > 0
-    budget = run.resolve_budget(t, "transformer", step_flops(cfg, ctx, model), ctx.info.world_size)
+    budget = flops.resolve_budget(t, "transformer", step_flops(cfg, ctx, model), ctx.info.world_size)
     opt = model.configure_optimizers(t.weight_decay, t.schedule.peak_lr, t.betas)  # fused on CUDA
     sched = make_scheduler(opt, t.schedule, budget.steps)
     modules: dict = {"model": model}

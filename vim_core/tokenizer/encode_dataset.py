@@ -1,4 +1,8 @@
-"""The tokenize_dataset step: encode a prepared dataset into uint16 token shards, one shard at a time."""
+"""The tokenize_dataset step: encode a prepared dataset into uint16 token shards, one shard at a time.
+
+It lives in the tokenizer package, above data: it reads and writes shards (vim_core.data) with any
+tokenizer, so data never imports the tokenizer and the two packages do not import each other.
+"""
 
 from pathlib import Path
 
