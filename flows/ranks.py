@@ -6,6 +6,7 @@ its own outbox before it returns, as a rank is a process of its own); the other 
 This module imports no Prefect, so a spawned rank starts quickly.
 """
 
+import logging
 import os
 import sys
 
@@ -16,7 +17,12 @@ from vim_core.train import distributed as vdist
 
 
 def _rank_tracker(run_id: str | None):
-    return tracker_for(run_id) if os.environ.get("RANK", "0") == "0" else None
+    """Rank 0's tracker; a spawned rank starts with no logging set up, so rank 0 also prints its progress
+    lines (vim_core.progress) as the stage process would."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return tracker_for(run_id)
 
 
 def _flush(tracker, stage: str) -> None:
