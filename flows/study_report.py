@@ -14,6 +14,7 @@ from pathlib import Path
 from flows.study_spec import MetricSpec, StudySpec
 from flows.study_stats import LEVEL, METHOD, compare_arms, pairs, summarize
 from vim_core.errors import VimError
+from vim_core.eval.generation import CHOICE_KEYS
 from vim_core.io import atomic_write_text
 
 METRIC_FILES = {
@@ -24,15 +25,7 @@ METRIC_FILES = {
 # What this module writes; a committed report without "protocol", or with one starting "old", predates it.
 PROTOCOL = "val-tuned sampling per arm; Welch 95% CI over seeds with a verdict"
 # The sampling each run chose on the validation split (eval.json), shown per arm and seed.
-CHOSEN = (
-    "chosen_cfg_scale",
-    "chosen_temperature",
-    "chosen_top_k",
-    "chosen_top_p",
-    "chosen_temperature_uncond",
-    "chosen_top_k_uncond",
-    "chosen_top_p_uncond",
-)
+CHOSEN = tuple(k for k in CHOICE_KEYS if k.startswith("chosen_"))
 
 
 def lookup(data: dict, key: str):
