@@ -99,12 +99,14 @@ def test_two_processes_match_one(runs):
             assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-4), (name, key)
         w1, w2 = load_file(one / WEIGHTS[name]), load_file(two / WEIGHTS[name])
         assert w1.keys() == w2.keys()
-        for key in w1:
-            # Not bitwise: two ranks sum the gradient in another order than one process (all-reduce of
-            # two halves), and Adam magnifies the rounding where gradients are small. Measured (relative L2
-            # per tensor, at most): tokenizer 5e-6 after 24 steps, transformer 2.1e-4 after 16 steps.
-            a, b = w1[key].double(), w2[key].double()
-            assert (b - a).norm() <= 1e-3 * a.norm() + 1e-7, key
+        # Not bitwise: two ranks sum the gradient in another order than one process (all-reduce of two
+        # halves), and Adam magnifies the rounding where gradients are small. Measured: relative L2 over
+        # all weights 2e-9 (tokenizer, 24 steps) and 1.6e-4 (transformer, 16 steps); largest element
+        # difference 1.2e-7 and 3.1e-4. A small bias vector alone can be 0.2% off, so the bound is global.
+        a = torch.cat([w1[k].double().flatten() for k in sorted(w1)])
+        b = torch.cat([w2[k].double().flatten() for k in sorted(w1)])
+        assert (b - a).norm() <= 1e-3 * a.norm(), name
+        assert (b - a).abs().max() <= 1e-3, name
 
 
 def test_dvc_records_the_distributed_run(runs):
