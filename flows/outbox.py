@@ -42,6 +42,11 @@ DEFAULT_FLUSH_S = 45.0
 DIR_ENV = "VIM_OUTBOX_DIR"
 
 
+# A training rank spawned by its stage (flows.ranks) holds calls of the stage's run in a process of its
+# own: it keeps them in a folder of its own ("<run id>-rank0"), so the stage's keep does not replace it.
+FOLDER_SUFFIX = ""
+
+
 def outbox_dir() -> Path:
     """Where undelivered calls are persisted: VIM_OUTBOX_DIR, else .vim/outbox in the repo root."""
     return Path(os.environ.get(DIR_ENV) or mlflow_run.REPO / ".vim" / "outbox")
@@ -177,7 +182,7 @@ class Outbox:
         returns the folder and how many calls could not be kept (made from a bare function)."""
         import numpy as np
 
-        folder, lost = outbox_dir() / self.run_id, 0
+        folder, lost = outbox_dir() / f"{self.run_id}{FOLDER_SUFFIX}", 0
         with atomic_dir(folder) as tmp:
             lines = []
             for i, call in enumerate(self._queue):

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from flows import outbox
 from flows.outbox import warning_line
 from flows.tracking import tracker_for
 from vim_core.config import Params
@@ -22,6 +23,7 @@ def _rank_tracker(run_id: str | None):
     if os.environ.get("RANK", "0") != "0":
         return None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    outbox.FOLDER_SUFFIX = "-rank0"
     return tracker_for(run_id)
 
 
@@ -33,32 +35,40 @@ def _flush(tracker, stage: str) -> None:
             print(warning_line(box, left, stage), file=sys.stderr)
 
 
-def tokenizer_rank(params: Params, plots_dir: str, run_id: str | None) -> dict:
+def _on_rank(stage: str, train, run_id: str | None, spawned: bool) -> dict:
+    """train(tracker) in this process. A spawned rank is a process of its own: rank 0 flushes its own
+    outbox before it returns. In the stage's own process the stage's run closes the shared outbox."""
+    if not spawned:
+        return train(tracker_for(run_id))
+    tracker = _rank_tracker(run_id)
+    try:
+        return train(tracker)
+    finally:
+        _flush(tracker, stage)
+        vdist.cleanup()
+
+
+def tokenizer_rank(params: Params, plots_dir: str, run_id: str | None, spawned: bool = True) -> dict:
     """Train the tokenizer on this rank; every rank returns the run's metrics (rank 0's are the ones kept)."""
     from vim_core.train.tokenizer_trainer import train_tokenizer
 
-    tracker = _rank_tracker(run_id)
-    try:
-        run = train_tokenizer(
-            params.tokenizer, params.data.out_dir, seed=params.seed, tracker=tracker, plots_dir=plots_dir
-        )
-    finally:
-        _flush(tracker, "train_tokenizer")
-        vdist.cleanup()
-    return run.metrics
+    def train(tracker) -> dict:
+        section, data = params.tokenizer, params.data.out_dir
+        return train_tokenizer(section, data, seed=params.seed, tracker=tracker, plots_dir=plots_dir).metrics
+
+    return _on_rank("train_tokenizer", train, run_id, spawned)
 
 
-def transformer_rank(params: Params, plots_dir: str, run_id: str | None) -> dict:
+def transformer_rank(params: Params, plots_dir: str, run_id: str | None, spawned: bool = True) -> dict:
     """Pretrain VIM on this rank; as tokenizer_rank."""
     from vim_core.train.transformer_trainer import train_transformer
 
-    tracker = _rank_tracker(run_id)
-    try:
-        run = train_transformer(params.transformer, seed=params.seed, tracker=tracker, plots_dir=plots_dir)
-    finally:
-        _flush(tracker, "pretrain_transformer")
-        vdist.cleanup()
-    return run.metrics
+    def train(tracker) -> dict:
+        return train_transformer(
+            params.transformer, seed=params.seed, tracker=tracker, plots_dir=plots_dir
+        ).metrics
+
+    return _on_rank("pretrain_transformer", train, run_id, spawned)
 
 
 def run_ranks(entry, params: Params, processes: int | str, plots_dir: str, run_id: str | None) -> dict:
@@ -67,7 +77,7 @@ def run_ranks(entry, params: Params, processes: int | str, plots_dir: str, run_i
 
     n = resolve_processes(processes)
     if not distributed_requested(n):
-        return entry(params, plots_dir, run_id)
+        return entry(params, plots_dir, run_id, spawned=False)
     results = launch(entry, (params, plots_dir, run_id), n)
     return results.get(0, {})
 
