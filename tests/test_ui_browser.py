@@ -446,6 +446,7 @@ def test_prefect_run_button_retrains_and_its_page_shows_the_tasks_completed(page
     # and the click's retrain registered its models: the tiny repo's registry has a champion
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=prefect_ui.env["MLFLOW_TRACKING_URI"])
+    uri = prefect_ui.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry URI an earlier test set
     for name in MODEL_NAMES:
         assert client.get_model_version_by_alias(name, "champion").version == "1"
