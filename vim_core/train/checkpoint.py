@@ -294,7 +294,11 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 def prune_checkpoints(ckpt_dir: str | Path, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints; also sweep temp dirs left by a crash mid-save."""
     for _, path in list_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed aside first (atomic): a kill mid-delete leaves a .old-step- dir that the next prune
+        # sweeps, never a half-deleted directory under a step's name.
+        aside = path.with_name(f".old-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     for child in Path(ckpt_dir).iterdir():
         if child.name.startswith((".tmp-step-", ".old-step-")) and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
