@@ -111,8 +111,11 @@ class TcpProxy:
             threading.Thread(target=self._close_when_done, args=(client, server, done), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, requests: bool, done) -> None:
-        src.settimeout(None)  # the upstream socket keeps create_connection's timeout otherwise
         try:
+            try:  # the upstream socket keeps create_connection's timeout otherwise
+                src.settimeout(None)
+            except OSError:  # stop() closed it before this thread ran
+                return
             while True:
                 try:
                     data = src.recv(65536)

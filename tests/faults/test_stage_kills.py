@@ -121,15 +121,24 @@ def dvc(repo: Path, env: dict, *args: str) -> str:
 
 
 def _repro_with_a_second(repo: Path, env: dict, stage: str, delay: float, log: Path) -> Refusal:
-    """`dvc repro -s STAGE`, and `delay` seconds into it a second, whole-pipeline `dvc repro`."""
+    """`dvc repro -s STAGE`, and `delay` seconds after its stage process starts a second `dvc repro STAGE`.
+
+    The delay counts from the stage's own process, not from dvc's start: a short stage (tokenize on the
+    micro data) can end within a few seconds of that. The second names the stage, so one that arrives
+    late finds it up to date instead of running the downstream stages in the reference copy.
+    """
     first = _start(repo, env, ["repro", "-s", stage], log)
     try:
+        deadline = time.monotonic() + RUN_S
+        while first.poll() is None and _stage_pid(first.pid, stage) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(delay)
         running = first.poll() is None
         started = time.monotonic()
         second = subprocess.run(
-            [str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=RUN_S
-        )
+            [str(BIN / "dvc"), "repro", stage], cwd=repo, env=env, capture_output=True, text=True,
+            timeout=RUN_S,
+        )  # fmt: skip
         seconds = time.monotonic() - started
         first_exit = first.wait(RUN_S)
     finally:
@@ -156,11 +165,11 @@ def lab(tmp_path_factory, prefect_server) -> Lab:
     dvc(base, env, "repro", "train_classifier")  # with prepare_data: what the second repro would run first
     repos["train_tokenizer"] = shutil.copytree(base, root / "tok", symlinks=True)
     for stage in ("train_tokenizer", "tokenize_dataset"):
-        # a stage run takes 10 s or more (dvc, torch and Prefect start first): the second lands inside
-        refusals.append(_repro_with_a_second(base, env, stage, rng.uniform(0.5, 6.0), root / f"{stage}.log"))
+        # the stage process imports torch and opens its run first: 0.1-1.5 s into it, the second lands inside
+        refusals.append(_repro_with_a_second(base, env, stage, rng.uniform(0.1, 1.5), root / f"{stage}.log"))
     repos["pretrain_transformer"] = shutil.copytree(base, root / "vim", symlinks=True)
     stage = "pretrain_transformer"
-    refusals.append(_repro_with_a_second(base, env, stage, rng.uniform(0.5, 6.0), root / f"{stage}.log"))
+    refusals.append(_repro_with_a_second(base, env, stage, rng.uniform(0.1, 1.5), root / f"{stage}.log"))
     return Lab(root, base, repos, env, ephemeral, refusals)
 
 
