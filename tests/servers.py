@@ -59,6 +59,31 @@ def start(
     return proc
 
 
+@contextlib.contextmanager
+def model_server(model_uri: str, log: Path, env: dict | None = None, timeout: float = 240.0):
+    """A real `mlflow models serve` of `model_uri` on a free loopback port; yields its base URL.
+
+    One worker, the venv's own packages (`--env-manager local`); `env` is added to this process's.
+    """
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"), "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",  # mlflow execs `uvicorn` from PATH
+        **(env or {}),
+    }
+    proc = start(cmd, f"{url}/ping", log, env=env, timeout=timeout)
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the server's process group, SIGKILL what is left after `timeout` seconds."""
     try:

@@ -9,7 +9,6 @@
 
 import ast
 import json
-import os
 import re
 import subprocess
 import urllib.error
@@ -283,20 +282,8 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_served_generator_refuses_an_oversized_request(logged, tmp_path):  # noqa: F811
     """A real `mlflow models serve` of the generator, with the cap lowered to 3 on the server's side."""
-    port = servers.free_port()
-    cmd = [
-        str(servers.BIN / "mlflow"), "models", "serve", "-m", logged["vim-generator"],
-        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "VIM_MAX_IMAGES_PER_REQUEST": "3",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "PATH": f"{servers.BIN}:{os.environ.get('PATH', '')}",  # mlflow execs `uvicorn` from PATH
-    }
-    proc = servers.start(cmd, f"{url}/ping", tmp_path / "serve.log", env=env, timeout=240)
-    try:
+    env = {"VIM_MAX_IMAGES_PER_REQUEST": "3"}
+    with servers.model_server(logged["vim-generator"], tmp_path / "serve.log", env=env) as url:
         status, answer = _post(f"{url}/invocations", {"inputs": [1, 2, 3, 4]})
         assert status == 400, answer
         assert (
@@ -306,5 +293,3 @@ def test_served_generator_refuses_an_oversized_request(logged, tmp_path):  # noq
         ), answer
         status, answer = _post(f"{url}/invocations", {"inputs": [1, 2, 3]})
         assert status == 200 and len(answer["predictions"]) == 3
-    finally:
-        servers.stop(proc)

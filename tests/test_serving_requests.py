@@ -8,7 +8,6 @@ Clamped values (top_k above the codebook, batch_size above the images) are answe
 
 import json
 import math
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -143,21 +142,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def served(logged, tmp_path_factory):  # noqa: F811
     """One real `mlflow models serve` of the generator for every HTTP case of this module."""
-    port = servers.free_port()
-    cmd = [
-        str(servers.BIN / "mlflow"), "models", "serve", "-m", logged["vim-generator"],
-        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "PATH": f"{servers.BIN}:{os.environ.get('PATH', '')}",  # mlflow execs `uvicorn` from PATH
-    }
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = servers.start(cmd, f"{url}/ping", log, env=env, timeout=240)
-    yield f"{url}/invocations"
-    servers.stop(proc)
+    with servers.model_server(logged["vim-generator"], log) as url:
+        yield f"{url}/invocations"
 
 
 @pytest.mark.slow
