@@ -8,7 +8,7 @@ out of time is recorded with its error, the others still run, and the exit statu
   and 8192 codes, VIM-Base at 1024 tokens), bf16 and torch.compile: images/s, tokens/s, MFU, peak memory.
 - sampling: KV-cache sampling of VIM-Base at 1024 tokens, with fp32 weights (as evaluate samples) and
   with bf16 weights: tokens/s, images/s, peak memory.
-- torchrun: the real trainers as the README runs them on GPUs, `torchrun -m vim_core.cli train-tokenizer`,
+- torchrun: the real trainers as docs/scaling.md runs them on GPUs, `torchrun -m vim_core.cli train-tokenizer`,
   then `pretrain-transformer` on the tokens of the tokenizer it trained; 2 ranks with 2 or more GPUs
   (nccl), else 1. The pipeline's params.yaml, cut to a few steps on a slice of the embedded MNIST, with
   bf16 and compile on. rc, wall time and world size of each launch; their logs go to DIR. It runs last

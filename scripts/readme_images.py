@@ -1,4 +1,4 @@
-"""Regenerate the README's pictures in docs/img/: the UIs as the browser tests saw them, and the pipeline's plots.
+"""Regenerate docs/img/ (see docs/operations.md): the UIs as the browser tests saw them, and the pipeline's plots.
 
     python scripts/readme_images.py                # run tests/test_ui_browser.py, then take its screenshots
     python scripts/readme_images.py --from DIR     # take screenshots saved before (VIM_SCREENSHOT_DIR=DIR)

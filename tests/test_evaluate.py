@@ -223,7 +223,7 @@ def test_evaluate_samples_at_the_setting_the_search_picked(eval_params, tmp_path
     assert out["timings_seconds"]["sampling_search"] > 0
     assert eval_config_hash(parse_params(raw)) != eval_config_hash(eval_params)
 
-    # Progress in logs (README): each phase as it begins, and the long ones unit by unit
+    # Progress in logs (docs/operations.md): each phase as it begins, and the long ones unit by unit
     lines = [r.getMessage() for r in caplog.records if r.name == "vim.progress"]
     phases = [m.split(" ")[2] for m in lines if m.startswith("evaluate: phase ")]
     assert phases == ["sampling_search", "sampling", "unconditional", "baselines", "reconstruction", "probe"]

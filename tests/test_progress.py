@@ -14,7 +14,8 @@ from vim_core.errors import VimError
 from vim_core.progress import Progress, duration, interval_from_env
 
 BIN = Path(sys.executable).parent
-# README "Progress in logs": what, unit done/total (percent)[, field value...], rate, ETA or done in
+# docs/operations.md "Progress in logs": what, unit done/total (percent)[, field value...], rate,
+# ETA or done in
 STEP_LINE = re.compile(
     r"train_tokenizer: step (\d+)/(\d+) \(\d+%\), loss [\d.e+-]+, [\d.e+-]+ s/step, (ETA|done in) \w+$"
 )

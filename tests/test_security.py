@@ -158,7 +158,7 @@ def test_malicious_checkpoint_is_refused_unrun_on_resume(tmp_path):
 
 
 def test_prefect_and_mlflow_servers_default_to_loopback():
-    """The commands the README gives (`prefect server start`, `mlflow server|ui|models serve`) with no
+    """The commands README.md and docs/ give (`prefect server start`, `mlflow server|ui|models serve`) with no
     host option bind what these defaults say, in the pinned versions; we set none of them otherwise."""
     import mlflow.cli
     from mlflow.models.cli import commands as model_commands
@@ -179,7 +179,7 @@ HOST_FLAG = re.compile(r"(?:--host|-h|-H|--bind|--listen)[ =]+([0-9a-zA-Z.:\[\]]
 def _project_commands() -> list[tuple[str, str]]:
     """(where, text) of what the project runs or tells users to run outside a container."""
     found = []
-    for rel in DOCS:
+    for rel in DOCS + tuple(str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))):
         path = REPO / rel
         if path.is_file():
             found += [(f"{rel}:{i}", line) for i, line in enumerate(path.read_text().splitlines(), 1)]

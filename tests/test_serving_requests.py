@@ -62,7 +62,7 @@ IN_PROCESS = {
     "req_empty_dataframe": (pd.DataFrame({"class_id": []}), None, "Incompatible input types"),
     "req_none_class_id": ([None], None, "Can not safely convert object to int64"),
     # Over HTTP, MLflow's server casts 1.5 to 1 for the signature's long column before the model sees it
-    # (a limitation of its parser, see README); in-process its schema check refuses the fraction.
+    # (a limitation of its parser, see docs/reliability.md); in-process its schema check refuses the fraction.
     "req_class_id_fraction": ([1.5], None, "Can not safely convert float64 to int64"),
     "req_bool_temperature": ([1], {"temperature": True}, MLFLOW_PARAMS),
 }

@@ -4,7 +4,7 @@ Headless Chromium (Debian's `chromium`; Playwright drives it through `executable
 a browser of its own) against real `mlflow server` and `prefect server start` processes on 127.0.0.1, each
 started for this module alone (the registry names are the pipeline's own, so they must not meet other
 tests' models). Every test saves its screenshots in its tmp dir and, when VIM_SCREENSHOT_DIR is set, there
-too (scripts/readme_images.py makes the README's pictures from them).
+too (scripts/readme_images.py makes the docs' pictures from them).
 """
 
 import json

@@ -28,7 +28,7 @@ class TrainLoopConfig(StrictModel):
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default=1,
         description="training processes on this machine, launched by the stage itself (torch's elastic "
-        "launcher): 1, N, or auto (one per visible GPU; 1 without CUDA). Several machines: README",
+        "launcher): 1, N, or auto (one per visible GPU; 1 without CUDA). Several machines: docs/scaling.md",
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None: torch's default")
     checkpoint_every: int = Field(default=200, ge=1)

@@ -38,7 +38,7 @@ def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -
         "seed": seed,
     }
     spec["tokenizer"]["train"].pop("resume", None)
-    spec["tokenizer"]["train"].pop("processes", None)  # a checkpoint of N ranks resumes on M (README)
+    spec["tokenizer"]["train"].pop("processes", None)  # a checkpoint of N ranks resumes on M (docs/scaling.md)
     return run.fingerprint(spec)
 
 

@@ -5,7 +5,7 @@ wrong (a BadRequest, which flows/pyfunc_models.py turns into HTTP 400). Without 
 answers for us, with 500s such as "probability tensor contains either inf, nan" (a NaN temperature) or
 "All arrays must be of the same length" (batch_size -1).
 
-Policy (README "Reliability"): a value that can only mean one thing is clamped, anything else refused.
+Policy (docs/reliability.md): a value that can only mean one thing is clamped, anything else refused.
 - clamped: top_k above the codebook size (to the codebook size: the filter keeps every token anyway);
   batch_size above the number of images (to that number: the same draws, the same images).
 - refused: anything not a number (text, booleans, lists, null), NaN and infinities, a float where an
