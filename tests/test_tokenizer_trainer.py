@@ -63,6 +63,14 @@ def test_train_evaluate_export(prepared, tmp_path):
     loss_csv = (tmp_path / "plots" / "tokenizer_loss.csv").read_text().splitlines()
     assert loss_csv[0].startswith("step,") and "adversarial" in loss_csv[0] and len(loss_csv) == 13
     assert (tmp_path / "plots" / "tokenizer_reconstructions.png").stat().st_size > 0
+    val_csv = (tmp_path / "plots" / "tokenizer_val_loss.csv").read_text().splitlines()
+    val = {int(r.split(",")[0]): float(r.split(",")[1]) for r in val_csv[1:]}
+    every = params.tokenizer.train.checkpoint_every
+    assert val_csv[0] == "step,val_loss" and sorted(val) == sorted({*range(every, 13, every), 12})
+    assert m["best_val_step"] in val and abs(m["best_val_loss"] - min(val.values())) < 1e-4
+    assert m["selected"] == f"best_val (step {m['best_val_step']})" and m["val_loss_final"] == round(
+        val[12], 4
+    )
     reloaded = load_tokenizer(str(run.model_path))
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     assert torch.equal(reloaded.encode(x), run.model.encode(x))

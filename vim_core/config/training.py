@@ -34,6 +34,16 @@ class TrainLoopConfig(StrictModel):
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     resume: Literal["auto", "never"] = "auto"
+    select: Literal["best_val", "last"] = Field(
+        default="best_val",
+        description="which weights to export: those with the lowest val loss among the checkpoints "
+        "(a small dataset overfits long before the last step), or the last step's",
+    )
+    val_examples: int = Field(
+        default=256,
+        ge=1,
+        description="first N val examples scored at every checkpoint (fixed, deterministic)",
+    )
     log_every: int = Field(default=10, ge=1)
 
     @model_validator(mode="before")

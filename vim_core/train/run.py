@@ -5,6 +5,7 @@ decides *how long* and *on what* it trains lives here once, so the tokenizer, VI
 resume, log and checkpoint the same way (and count FLOPs the same way, through vim_core.train.flops).
 """
 
+import contextlib
 import hashlib
 import json
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from vim_core.config.training import TrainLoopConfig
 from vim_core.data.shards import iter_batches
 from vim_core.errors import VimError
+from vim_core.io import atomic_write_text
 from vim_core.progress import Progress
 from vim_core.train import distributed as vdist
 from vim_core.train.checkpoint import save_checkpoint
@@ -191,3 +193,101 @@ def checkpointer(
         save_checkpoint(ckpt_dir, step, modules, optimizers, schedulers, keep_last=keep_last)
 
     return save
+
+
+class BestVal:
+    """The val curve and the lowest-val weights so far; checkpointed like a module, so a resume keeps them.
+
+    Stateful: its state dict holds the best weights under `weights.NAME`, and the curve as tensors, so
+    a run killed and resumed exports the same bytes as an uninterrupted one.
+    """
+
+    def __init__(self, module: nn.Module):
+        state = vdist.unwrap(module).state_dict()
+        self.weights = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(step, val loss) of the lowest val loss; the earliest step wins a tie."""
+        if not self.losses:
+            return None
+        i = min(range(len(self.losses)), key=lambda j: (self.losses[j], j))
+        return self.steps[i], self.losses[i]
+
+    def record(self, step: int, loss: float, module: nn.Module) -> None:
+        """Add a point to the curve, and keep the module's weights if it is the new best."""
+        improved = self.best is None or loss < self.best[1]
+        self.steps.append(int(step))
+        self.losses.append(float(loss))
+        if improved:
+            state = vdist.unwrap(module).state_dict()
+            self.weights = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        vdist.unwrap(module).load_state_dict(self.weights)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"weights.{k}": v for k, v in self.weights.items()}
+        out["curve.step"] = torch.tensor(self.steps, dtype=torch.int64)
+        out["curve.loss"] = torch.tensor(self.losses, dtype=torch.float64)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        weights = {k.removeprefix("weights."): v for k, v in state.items() if k.startswith("weights.")}
+        if set(weights) != set(self.weights):
+            raise RuntimeError("best-val weights do not match the model's keys")
+        self.weights = {k: v.clone() for k, v in weights.items()}
+        self.steps = [int(s) for s in state["curve.step"].tolist()]
+        self.losses = [float(v) for v in state["curve.loss"].tolist()]
+
+    def metrics(self) -> dict:
+        """best_val_step, best_val_loss and val_loss_final for the metrics JSON ({} before any val)."""
+        if self.best is None:
+            return {}
+        step, loss = self.best
+        return {
+            "best_val_step": step,
+            "best_val_loss": round(loss, 4),
+            "val_loss_final": round(self.losses[-1], 4),
+        }
+
+    def write_csv(self, path: str | Path) -> None:
+        """The val curve as step,val_loss (a DVC plot), written atomically."""
+        rows = "".join(f"{s},{v:.6f}\n" for s, v in zip(self.steps, self.losses, strict=True))
+        atomic_write_text(path, "step,val_loss\n" + rows)
+
+
+def validating_checkpointer(
+    save: Callable[[int], None],
+    best: BestVal,
+    exported: Callable[[], contextlib.AbstractContextManager[nn.Module]],
+    val_loss: Callable[[nn.Module], float],
+    tracker: Tracker,
+) -> Callable[[int], None]:
+    """At each checkpoint, score the weights an export would take (`exported()`, e.g. EMA applied) on
+    val, then save; every rank scores the same fixed subset, so the ranks' BestVal states agree."""
+
+    def checkpoint(step: int) -> None:
+        with exported() as module:
+            loss = val_loss(module)
+            best.record(step, loss, module)
+        tracker.log_metrics({"eval/val_loss": loss}, step)
+        save(step)
+
+    return checkpoint
+
+
+def val_split(manifest: dict) -> str | None:
+    """ "val" when the data has a non-empty val split, else None (then nothing is chosen on val)."""
+    return "val" if manifest["splits"].get("val", {}).get("count", 0) > 0 else None
+
+
+def select_weights(select: str, best: BestVal, module: nn.Module) -> str:
+    """Load the best-val weights into `module` when asked and there is a val curve; says which were kept."""
+    if select == "best_val" and best.best is not None:
+        best.copy_to(module)
+        return f"best_val (step {best.best[0]})"
+    return "last" if select == "last" else "last (no val split to choose on)"

@@ -1,5 +1,6 @@
 """Train a ViT-VQGAN (or the CNN baseline) on a prepared dataset, then evaluate it on the test split."""
 
+import contextlib
 import logging
 import time
 import warnings
@@ -39,6 +40,7 @@ def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -
     }
     spec["tokenizer"]["train"].pop("resume", None)
     spec["tokenizer"]["train"].pop("processes", None)  # a checkpoint of N ranks resumes on M (docs/scaling.md)
+    spec["tokenizer"]["train"].pop("select", None)  # only picks what is exported; every run tracks val
     return run.fingerprint(spec)
 
 
@@ -183,6 +185,9 @@ def train_tokenizer(
     if ema is not None:
         modules["ema"] = ema
 
+    best = run.BestVal(model)
+    modules["best_val"] = best
+    has_val = run.val_split(manifest) is not None
     fp = tokenizer_fingerprint(cfg, manifest.get("version", ""), seed)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, optimizers, schedulers)
@@ -234,6 +239,16 @@ def train_tokenizer(
         return run.StepResult(terms, extra)
 
     save = run.checkpointer(ckpt_dir, modules, optimizers, schedulers, t.keep_checkpoints)
+    if has_val:
+        val_images, _ = load_split(data_root, "val", limit=t.val_examples)
+
+        def val_loss(m: VQTokenizer) -> float:
+            return val_reconstruction_loss(m, val_images, cfg, perceptual, device)
+
+        exported = (
+            (lambda: ema.applied_to(model)) if ema is not None else (lambda: contextlib.nullcontext(model))
+        )
+        save = run.validating_checkpointer(save, best, exported, val_loss, tracker)
     model.train()
     step_seconds: list[float] = []
     seconds = run.run_steps(
@@ -244,6 +259,7 @@ def train_tokenizer(
         final = build_tokenizer(cfg.model, image_size, channels).to(device)
         final.load_state_dict(model.state_dict())
         ema.copy_to(final)
+    selected = run.select_weights(t.select, best, final)
     final.eval()
     metrics = {
         **budget.metrics(ctx.info.world_size),
@@ -252,6 +268,10 @@ def train_tokenizer(
         **run.step_time_metrics(step_seconds, budget.phases, start),
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
+        "selected": selected,
+        **best.metrics(),
+        "val_loss_definition": f"weighted reconstruction terms (no VQ or GAN term) over the first "
+        f"{t.val_examples} val images, at every checkpoint",
     }
     out_dir = Path(cfg.out_dir)
     model_path = out_dir / "tokenizer.safetensors"
@@ -260,11 +280,33 @@ def train_tokenizer(
         metrics.update(throughput(final, channels, image_size, device))
         out_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(final, cfg.model, str(model_path))
+        if plots_dir is not None:
+            best.write_csv(Path(plots_dir) / "tokenizer_val_loss.csv")
         tracker.log_metrics(
             {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, budget.steps
         )
     vdist.barrier()
     return run.TrainRun(model=final, metrics=metrics, model_path=model_path)
+
+
+@torch.no_grad()
+def val_reconstruction_loss(
+    model: VQTokenizer, images: np.ndarray, cfg: TokenizerSection, perceptual, device, batch_size: int = 64
+) -> float:
+    """Mean weighted reconstruction loss (l2, logit-Laplace, perceptual; no VQ or GAN term) over `images`.
+
+    Cost: one eval-mode forward over len(images) images (256 by default) per checkpoint, no backward.
+    """
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for lo in range(0, len(images), batch_size):
+        x = to_model_range(images[lo : lo + batch_size]).to(device)
+        terms = reconstruction_losses(model(x), x, cfg.loss, perceptual)
+        recon = [v for k, v in terms.items() if k not in ("vq", "total")]
+        total += float(sum(recon) if recon else F.mse_loss(model(x).recon, x)) * len(x)
+    model.train(was_training)
+    return total / len(images)
 
 
 def fit_palette_run(cfg: TokenizerSection, data_root, seed: int, tracker, plots_dir) -> run.TrainRun:

@@ -1,5 +1,6 @@
 """Pretrain VIM on token shards: next-token prediction in raster order, optionally class-conditional."""
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -44,7 +45,9 @@ def transformer_fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed
     spec = {
         "code": code_digest("transformer", "layers.py", "train", "data/shards.py"),
         "model": model_config_for(cfg, tokens_manifest).model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"resume", "processes"}),  # N ranks resume on M
+        "train": cfg.train.model_dump(
+            mode="json", exclude={"resume", "processes", "select"}
+        ),  # N ranks resume on M
         "tokens": [s["sha256"] for sp in tokens_manifest["splits"].values() for s in sp["shards"]],
         "seed": seed,
     }
@@ -122,6 +125,9 @@ def train_transformer(
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     if ema is not None:
         modules["ema"] = ema
+    best = run.BestVal(model)
+    modules["best_val"] = best
+    val_split = run.val_split(manifest)
     fp = transformer_fingerprint(cfg, manifest, seed)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, {"model": opt}, {"model": sched})
@@ -156,6 +162,16 @@ def train_transformer(
         return run.StepResult(losses, {"train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
 
     save = run.checkpointer(ckpt_dir, modules, {"model": opt}, {"model": sched}, t.keep_checkpoints)
+    if val_split is not None:
+
+        def val_loss(m: VIM) -> float:
+            """Cost per checkpoint: one no-grad forward over val_examples (256) sequences, ~1.3 steps at batch 64."""
+            return bits_per_token(m, cfg.tokens_dir, val_split, device, conditional, limit=t.val_examples)
+
+        exported = (
+            (lambda: ema.applied_to(model)) if ema is not None else (lambda: contextlib.nullcontext(model))
+        )
+        save = run.validating_checkpointer(save, best, exported, val_loss, tracker)
     model.train()
     step_seconds: list[float] = []
     seconds = run.run_steps(
@@ -163,6 +179,7 @@ def train_transformer(
     )
     if ema is not None:
         ema.copy_to(model)
+    selected = run.select_weights(t.select, best, model)
     model.eval()
     steps_run = budget.steps - start
     metrics = {
@@ -174,6 +191,10 @@ def train_transformer(
         "fingerprint": fp,
         "params": model.num_params(),
         "tokens_per_second": round(steps_run * t.batch_size * model.seq_len / max(seconds, 1e-9), 1),
+        "selected": selected,
+        **best.metrics(),
+        "val_loss_definition": f"next-token NLL in bits/token over the first {t.val_examples} val sequences, "
+        "at every checkpoint",
     }
     out_path = Path(cfg.out_dir) / "transformer.safetensors"
     if ctx.info.is_main:
@@ -183,6 +204,8 @@ def train_transformer(
         metrics["val_definition"] = "mean next-token NLL in bits over every token of the test split"
         tracker.log_metrics({"eval/val_bits_per_token": metrics["val_bits_per_token"]}, budget.steps)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        if plots_dir is not None:
+            best.write_csv(Path(plots_dir) / "transformer_val_loss.csv")
         save_transformer(
             model,
             str(out_path),
