@@ -28,10 +28,11 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows.common import failed_on_bad_input, run_stage
 from flows.compare import attach_to_version
 from flows.mlflow_run import check_reachable, enabled
 from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
+from flows.retry import transient_retries
 from flows.stages import declared
 from flows.tracking import log_json_metrics, stage_run
 from vim_core.config import Params, load_params
@@ -57,7 +58,7 @@ REQUIREMENTS = (
     "pyyaml",
     "tqdm",
 )
-RETRY = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
+RETRY = transient_retries()
 
 
 # ---- what gets logged
