@@ -19,7 +19,6 @@ line (TransientError) before any work.
 import hashlib
 import os
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows import vcs
 from vim_core.errors import TransientError, VimError
 from vim_core.redact import redact_text, redact_url
 
@@ -252,10 +252,9 @@ def clean_tags(tags: dict | None) -> dict[str, str]:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        return vcs.git(*args, cwd=REPO).strip()
+    except VimError:  # not a git checkout, or no git: the tags are left out
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def revision_tags() -> dict[str, str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 from prefect import flow, task
 
+from flows import vcs
 from flows.common import failed_on_bad_input
 from flows.ephemeral import start_ephemeral_api
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
@@ -149,10 +150,8 @@ def push_retry_delays() -> list[float]:
 
 def _dvc_config() -> dict[str, str]:
     """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
-    out = subprocess.run(
-        [_dvc(), "config", "--list"], cwd=REPO, env=_child_env(), capture_output=True, text=True
-    )
-    pairs = (line.partition("=") for line in out.stdout.splitlines() if "=" in line)
+    out = vcs.dvc("config", "--list", cwd=REPO, env=_child_env())
+    pairs = (line.partition("=") for line in out.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, _, value in pairs}
 
 
