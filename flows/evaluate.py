@@ -5,7 +5,7 @@ import sys
 from prefect import task
 
 from flows.common import run_stage, stage_flow
-from flows.mlflow_run import set_run_tags
+from flows.outbox import set_run_tags
 from flows.stages import Stage
 from vim_core.config import Params
 

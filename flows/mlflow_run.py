@@ -19,7 +19,6 @@ line (TransientError) before any work.
 import hashlib
 import os
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -28,8 +27,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows import vcs
 from vim_core.errors import TransientError, VimError
-from vim_core.redact import redact_text
+from vim_core.redact import redact_text, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 PARENT_ENV = "VIM_PARENT_RUN_ID"
@@ -71,16 +71,6 @@ def _is_remote(uri: str) -> bool:
     return urllib.parse.urlsplit(uri).scheme in ("http", "https")
 
 
-def _redact(uri: str) -> str:
-    """The URI without user:password, for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return uri
-
-
 def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
     """Fail fast with TransientError when the configured tracking server does not answer.
 
@@ -100,7 +90,7 @@ def check_reachable(uri: str | None = None, timeout: float = 3.0) -> None:
         reason = f"HTTP {err.code}"
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
-    raise TransientError(f"MLflow tracking server {_redact(uri)} did not answer ({reason})")
+    raise TransientError(f"MLflow tracking server {redact_url(uri)} did not answer ({reason})")
 
 
 def seconds_from_env(name: str, default: float) -> float:
@@ -262,10 +252,9 @@ def clean_tags(tags: dict | None) -> dict[str, str]:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        return vcs.git(*args, cwd=REPO).strip()
+    except VimError:  # not a git checkout, or no git: the tags are left out
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def revision_tags() -> dict[str, str]:
@@ -289,16 +278,6 @@ def revision_tags() -> dict[str, str]:
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
-
-
-def set_run_tags(run_id: str | None, tags: dict) -> None:
-    """Tags on a run, through its outbox (held while the server is away); nothing with tracking off."""
-    if run_id:
-        from flows.outbox import outbox  # above this module: it calls the client this module makes
-
-        box = outbox(run_id)
-        for key, value in clean_tags(tags).items():
-            box.send(None, what=f"tag {key}", op=("set_tag", {"key": key, "value": value}))
 
 
 # ---- runs
@@ -352,7 +331,7 @@ def open_stage_run(stage_name: str) -> str:
             reason = str(err).splitlines()[0][:200]
         time.sleep(pause)
     raise TransientError(
-        f"MLflow tracking server {_redact(uri)} did not create the {stage_name} run ({reason})"
+        f"MLflow tracking server {redact_url(uri)} did not create the {stage_name} run ({reason})"
     )
 
 
@@ -368,7 +347,7 @@ def _create_stage_run(stage_name: str, uri: str) -> str:
             if is_outage(err, uri):
                 raise
             raise VimError(
-                f"{PARENT_ENV}={parent} names no run on {_redact(uri)}; unset it or run the pipeline "
+                f"{PARENT_ENV}={parent} names no run on {redact_url(uri)}; unset it or run the pipeline "
                 f"through its flow ({err.error_code})"
             ) from None
     else:

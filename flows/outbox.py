@@ -33,6 +33,7 @@ from pathlib import Path
 from flows import mlflow_run
 from vim_core.errors import TransientError
 from vim_core.io import atomic_dir, atomic_write_text
+from vim_core.redact import redact_url
 
 log = logging.getLogger("vim.tracking")
 
@@ -129,7 +130,7 @@ class Outbox:
                     raise
                 log.info(
                     "MLflow tracking server %s did not take %s (%s); holding tracking calls until it answers",
-                    mlflow_run._redact(self.uri),
+                    redact_url(self.uri),
                     what,
                     _first_line(err),
                 )
@@ -202,7 +203,7 @@ class Outbox:
                         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
                         files[j] = str(dst.relative_to(tmp))
                 lines.append(json.dumps({"op": name, "args": args, "files": files, "what": call.what}))
-            meta = {"run_id": self.run_id, "uri": mlflow_run._redact(self.uri), "calls": len(lines)}
+            meta = {"run_id": self.run_id, "uri": redact_url(self.uri), "calls": len(lines)}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
             (tmp / "calls.jsonl").write_text("".join(line + "\n" for line in lines))
         return folder, lost
@@ -247,7 +248,7 @@ class Outbox:
         if delivered:
             log.info(
                 "MLflow tracking server %s answers again: delivered %d held calls, %d still held",
-                mlflow_run._redact(self.uri),
+                redact_url(self.uri),
                 delivered,
                 len(self._queue),
             )
@@ -292,7 +293,7 @@ def warning_line(box: Outbox, undelivered: int, stage: str | None = None) -> str
         if box.unpersisted:
             kept += f" ({box.unpersisted} of them could not be kept and are lost)"
     return (
-        f"warning: MLflow tracking server {mlflow_run._redact(box.uri)} did not answer: {undelivered} "
+        f"warning: MLflow tracking server {redact_url(box.uri)} did not answer: {undelivered} "
         f"tracking calls of {of} were not delivered (the run stays RUNNING there){kept}; "
         "the outputs are complete"
     )
@@ -313,7 +314,7 @@ def replay_persisted(uri: str | None = None) -> dict:
     for folder in folders:
         meta = json.loads((folder / "meta.json").read_text())
         lines = (folder / "calls.jsonl").read_text().splitlines()
-        if meta.get("uri") != mlflow_run._redact(uri):
+        if meta.get("uri") != redact_url(uri):
             counts["other_server"] += 1
             counts["left"] += len(lines)
             continue
@@ -350,3 +351,11 @@ def _close_the_rest() -> None:
             left = box.close()
             if left:
                 print(warning_line(box, left), file=sys.stderr)
+
+
+def set_run_tags(run_id: str | None, tags: dict) -> None:
+    """Tags on a run, through its outbox (held while the server is away); nothing with tracking off."""
+    if run_id:
+        box = outbox(run_id)
+        for key, value in mlflow_run.clean_tags(tags).items():
+            box.send(None, what=f"tag {key}", op=("set_tag", {"key": key, "value": value}))

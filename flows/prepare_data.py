@@ -4,13 +4,14 @@ import sys
 
 from prefect import task
 
-from flows.common import retry_transient, run_stage, stage_flow
+from flows.common import run_stage, stage_flow
+from flows.retry import transient_retries
 from flows.stages import Stage
 from vim_core.config import Params
 from vim_core.data.prepare import prepare
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
+@task(**transient_retries())
 def write_dataset(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Stream the configured source into a sharded, split dataset."""
     report = prepare(params.data, progress=sys.stderr.isatty())

@@ -17,7 +17,6 @@ versions.
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -28,10 +27,12 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, retry_transient, run_stage
+from flows import vcs
+from flows.common import failed_on_bad_input, run_stage
 from flows.compare import attach_to_version
 from flows.mlflow_run import check_reachable, enabled
 from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
+from flows.retry import transient_retries
 from flows.stages import declared
 from flows.tracking import log_json_metrics, stage_run
 from vim_core.config import Params, load_params
@@ -57,7 +58,7 @@ REQUIREMENTS = (
     "pyyaml",
     "tqdm",
 )
-RETRY = dict(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
+RETRY = transient_retries()
 
 
 # ---- what gets logged
@@ -295,13 +296,11 @@ def check_up_to_date() -> None:
     """Refuse stale outputs: `dvc status` must report nothing changed (skipped outside a DVC repo)."""
     if not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
         return
-    dvc = Path(sys.executable).with_name("dvc")
-    cmd = [str(dvc) if dvc.exists() else "dvc", "status", "--json", "--quiet"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = vcs.dvc("status", "--json", "--quiet", timeout=300)
     try:
-        changed = json.loads(out.stdout or "{}")
+        changed = json.loads(out or "{}")
     except json.JSONDecodeError:
-        raise VimError(f"dvc status failed: {(out.stderr or out.stdout).strip()[-300:]}") from None
+        raise VimError(f"dvc status: not JSON: {out.strip()[-300:]}") from None
     if changed:
         raise VimError(
             f"the pipeline's outputs are stale ({', '.join(sorted(changed))}); run dvc repro first"

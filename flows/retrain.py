@@ -26,10 +26,12 @@ from pathlib import Path
 import httpx
 from prefect import flow, task
 
-from flows.common import failed_on_bad_input, retry_transient
+from flows import vcs
+from flows.common import failed_on_bad_input
 from flows.ephemeral import start_ephemeral_api
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
 from flows.publish import publish_pipeline
+from flows.retry import transient_retries
 from vim_core.config import load_params
 from vim_core.data.storage import s3_retry_env
 from vim_core.errors import TransientError, VimError
@@ -110,7 +112,7 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
     return "\n".join(tail)
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=retry_transient)
+@task(**transient_retries())
 def tracking_ready() -> None:
     """The tracking server answers (retried with backoff: it may be restarting)."""
     check_reachable()
@@ -148,14 +150,12 @@ def push_retry_delays() -> list[float]:
 
 def _dvc_config() -> dict[str, str]:
     """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
-    out = subprocess.run(
-        [_dvc(), "config", "--list"], cwd=REPO, env=_child_env(), capture_output=True, text=True
-    )
-    pairs = (line.partition("=") for line in out.stdout.splitlines() if "=" in line)
+    out = vcs.dvc("config", "--list", cwd=REPO, env=_child_env())
+    pairs = (line.partition("=") for line in out.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, _, value in pairs}
 
 
-@task(retry_condition_fn=retry_transient)
+@task(**transient_retries())  # push_with_retries sets the waits from VIM_PUSH_RETRY_DELAYS
 def push() -> None:
     """`dvc push` to the default remote; network failures retry, refused credentials do not."""
     config = _dvc_config()
@@ -181,7 +181,7 @@ def push() -> None:
 def push_with_retries() -> None:
     """The push task, retried with backoff as push_retry_delays() says."""
     delays = push_retry_delays()
-    push.with_options(retries=len(delays), retry_delay_seconds=delays)()
+    push.with_options(**transient_retries(delays=delays))()
 
 
 def _trigger() -> dict[str, str]:

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 from prefect import flow, task
 
+from flows import vcs
 from flows.common import run_flow_cli
 from flows.study_report import check_replaceable, write_report
 from flows.study_spec import Run, load_study
@@ -55,11 +56,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 
 
 # ---- DVC experiments
-
-
-def _dvc() -> str:
-    exe = Path(sys.executable).with_name("dvc")
-    return str(exe) if exe.exists() else "dvc"
 
 
 def hydra_value(value: Any) -> str:
@@ -100,13 +96,9 @@ def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
     finished=True keeps only completed ones: `dvc exp show` also lists a running experiment (with its
     baseline's metrics) and a failed one, neither of which is a result.
     """
-    out = subprocess.run(
-        [_dvc(), "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, env=_env()
-    )
-    if out.returncode != 0:
-        raise VimError(f"dvc exp show failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    out = vcs.dvc("exp", "show", "--json", cwd=cwd, env=_env())
     found: dict[str, dict] = {}
-    for baseline in json.loads(out.stdout):
+    for baseline in json.loads(out):
         for exp in (baseline.get("experiments") or []) if isinstance(baseline, dict) else []:
             state = (exp.get("executor") or {}).get("state", "success")
             rev = (exp.get("revs") or [{}])[0]
@@ -145,7 +137,7 @@ def stop_leftover(cwd: Path, study: str) -> None:
 
 def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
     """`dvc exp run --temp -n NAME -S ...` in its own process group, so an interrupt stops all of it."""
-    cmd = [_dvc(), "exp", "run", "--temp", "-n", run.name]
+    cmd = [vcs.dvc_executable(), "exp", "run", "--temp", "-n", run.name]
     for key, value in run.overrides.items():
         cmd += ["-S", f"++{key}={hydra_value(value)}"]  # ++: add the key when params.yaml lacks it
     _log().info("$ %s", " ".join(cmd))
@@ -195,12 +187,12 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
         _log().info("%s: done already with these params, skipped", run.name)
         return "skipped"
     if have is not None:  # failed, killed, or stale (the study file or params.yaml changed since)
-        removed = subprocess.run(
-            [_dvc(), "exp", "remove", run.name], cwd=cwd_path, env=_env(), capture_output=True, text=True
-        )
-        if removed.returncode != 0:
-            cause = (removed.stderr.strip().splitlines() or ["no output"])[-1]
-            raise VimError(f"{run.name}: cannot remove its earlier {have['state']} experiment: {cause}")
+        try:
+            vcs.dvc("exp", "remove", run.name, cwd=cwd_path, env=_env())
+        except VimError as err:
+            raise VimError(
+                f"{run.name}: cannot remove its earlier {have['state']} experiment: {err}"
+            ) from None
     tags = {"vim.study": run.study, "vim.arm": run.arm, "vim.seed": str(run.seed)}
     extra = {"VIM_STUDY": run.study, "VIM_ARM": run.arm, "VIM_SEED": str(run.seed)}
     parent = pipeline_run(run.name, tags=tags) if enabled() else contextlib.nullcontext(None)

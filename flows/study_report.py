@@ -8,9 +8,9 @@ import datetime as dt
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
+from flows import vcs
 from flows.study_spec import MetricSpec, StudySpec
 from flows.study_stats import LEVEL, METHOD, compare_arms, pairs, summarize
 from vim_core.errors import VimError
@@ -136,8 +136,10 @@ def comparison(spec: StudySpec, arms: dict, compare: list[str]) -> dict:
 
 
 def _git(cwd: Path, *args: str) -> str | None:
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else None
+    try:
+        return vcs.git(*args, cwd=cwd).strip()
+    except VimError:
+        return None
 
 
 def _machine() -> str:

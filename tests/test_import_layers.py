@@ -1,11 +1,13 @@
-"""vim_core's imports point down its layers and never loop, checked on the sources with ast.
+"""vim_core's and flows' imports point down their layers and never loop, checked on the sources with ast.
 
 Layers, lowest first (PACKAGE_ORDER): the leaf utilities (errors, io, layers, redact, timing) and config,
 then data, tokenizer, transformer, train, eval, cli, one package to a layer above config. A module may
 import its own package or any package below it, so the packages form a chain with no cycle between
 them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
 Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
-dependency, only later.
+dependency, only later. flows (the Prefect tasks and stage entry points) is the layer above all of
+vim_core: vim_core never imports it, and its own modules never loop either (the old mlflow_run <-> outbox
+loop, hidden in a function-level import, cannot come back).
 """
 
 import ast
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "vim_core"
+FLOWS = ROOT.parent / "flows"
 
 # Lowest first; the packages of one tuple share a layer (the leaf utilities may import each other, the
 # module-level cycle check still keeps them from looping).
@@ -34,6 +37,7 @@ PACKAGE_ORDER = (
     ("vim_core.train",),
     ("vim_core.eval",),
     ("vim_core.cli",),
+    ("flows",),  # one flat package: every flows module, above all of vim_core
 )
 LAYERS = {package: layer for layer, group in enumerate(PACKAGE_ORDER) for package in group}
 ABOVE_CONFIG = (
@@ -50,9 +54,9 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """module -> the vim_core modules it imports anywhere in its source (submodules resolved)."""
-    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+def import_graph(*roots: Path) -> dict[str, set[str]]:
+    """module -> the modules under roots (default vim_core) it imports anywhere in its source."""
+    files = {_module_name(p, root): p for root in roots or (ROOT,) for p in root.rglob("*.py")}
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -118,8 +122,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def package_of(module: str) -> str:
-    """The top-level piece of vim_core a module belongs to: vim_core.data.shards -> vim_core.data."""
-    return ".".join(module.split(".")[:2])
+    """The top-level piece a module belongs to: vim_core.data.shards -> vim_core.data, flows.x -> flows."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "vim_core" else parts[0]
 
 
 def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -145,6 +150,14 @@ def test_no_import_cycles():
 
 def test_no_import_cycles_between_packages():
     assert cycles(package_graph(import_graph())) == []
+
+
+def test_flows_modules_never_loop_and_vim_core_never_imports_flows():
+    graph = import_graph(ROOT, FLOWS)
+    assert any(t.startswith("vim_core.") for t in graph["flows.common"])  # the graph sees across both
+    assert cycles(graph) == []
+    assert cycles(package_graph(graph)) == []
+    assert upward_imports(graph) == []
 
 
 def test_config_imports_nothing_above_it_and_no_torch():
@@ -202,5 +215,14 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
         "vim_core.data.tokenize (layer 1) imports vim_core.tokenizer (layer 2)",
         "vim_core.data.tokenize (layer 1) imports vim_core.tokenizer.vit (layer 2)",
     ]
+    (pkg.parent / "flows").mkdir()
+    (pkg.parent / "flows" / "__init__.py").write_text("")
+    (pkg.parent / "flows" / "a.py").write_text("def f():\n    from flows import b\n")
+    (pkg.parent / "flows" / "b.py").write_text("from flows.a import f\nfrom vim_core import data\n")
+    (pkg / "data" / "shards.py").write_text("from flows.a import f\n")
+    both = import_graph(pkg, pkg.parent / "flows")
+    assert ["flows.a", "flows.b"] in cycles(both)  # the function-level import counts
+    assert "vim_core.data.shards (layer 1) imports flows.a (layer 7)" in upward_imports(both)
+    assert ["flows", "vim_core.data", "vim_core.tokenizer"] in cycles(package_graph(both))
     with pytest.raises(AssertionError, match="vim_core.newtop is in no layer"):
         layer_of("vim_core.newtop")

@@ -107,7 +107,6 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         out["definitions"].setdefault("torch_fidelity", result.pop("definition"))
         return {k: round(v, 5) for k, v in result.items()}
 
-    n = e.num_samples
     grids = None
     if e.sampling:
         gen, defs, grids = generation_metrics(
@@ -119,37 +118,13 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
         skipped = {"skipped": "evaluate.sampling is false: no search, samples, class accuracy or rejection"}
         out["definitions"].update(generation=skipped, rejection=skipped, generation_uncond=skipped)
 
-    # Floor and ceiling on the same pipeline.
-    phase("evaluate", "baselines", "real and unigram FID_domain")
-    floor_rows = np.random.default_rng(seed).permutation(len(train_x))
-    k = min(n, len(train_x))
-    out["fid_domain_real"] = dm(train_x[floor_rows[:k]], test_x)["fid_domain"]
-    out["fid_domain_unigram"] = dm(_unigram_images(params, tokenizer, n, seed), test_x)["fid_domain"]
-    out["definitions"]["baselines"] = {
-        "fid_domain_real": f"{k} train images vs the test split (floor)",
-        "fid_domain_unigram": f"{n} images decoded from tokens drawn i.i.d. from the train split's token "
-        "frequencies, vs the test split (ceiling)",
-    }
-
-    # Reconstruction.
-    phase("evaluate", "reconstruction", f"{n_ref} test images")
+    baselines, out["definitions"]["baselines"] = _baselines(params, tokenizer, train_x, test_x, dm, seed)
+    out.update(baselines)
     t = time.monotonic()
-    test_tokens = tokenizer.encode_uint8(test_x)
-    recon = tokenizer.decode_uint8(test_tokens)
-    out["rfid_domain"] = dm(recon, test_x)["fid_domain"]
-    x01 = torch.from_numpy(test_x).float() / 255
-    r01 = torch.from_numpy(recon).float() / 255
-    out["psnr"] = round(float(psnr(r01, x01)), 3)
-    out["ssim"] = round(ssim(recon, test_x), 4)
-    out["codebook_usage"] = round(codebook_usage(test_tokens, tokenizer.codebook_size, 256), 4)
-    out["definitions"]["reconstruction"] = {
-        "images": n_ref,
-        "split": "test",
-        "rfid_domain": "reconstructions vs originals of the test split, domain extractor",
-        "codebook_usage": "fraction of codes used per batch of 256 test images, averaged over full batches",
-        "psnr": "per image on [0, 1] pixels, averaged",
-        "ssim": "Gaussian window 11, sigma 1.5, averaged",
-    }
+    recon_metrics, out["definitions"]["reconstruction"], test_tokens, recon = _reconstruction(
+        tokenizer, test_x, dm
+    )
+    out.update(recon_metrics)
     timings["reconstruction"] = round(time.monotonic() - t, 1)
 
     # Linear probe, beside two baselines on the same splits.
@@ -162,25 +137,67 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     else:
         out["probe_definition"] = "skipped: evaluate.probes is false"
 
-    if grids is not None:
-        _grids(plots, grids["images"], grids["labels"], grids["scores"], test_x, recon, num_classes)
-        save_image(image_grid(grids["uncond"][:64]), plots / "samples_uncond.png")
-    else:  # dvc.yaml declares these plots: a skipped sampling leaves blank grids, not stale or missing ones
-        blank = np.zeros((num_classes * 8, *test_x.shape[1:]), dtype=np.uint8)
-        _grids(
-            plots,
-            blank,
-            _balanced_labels(len(blank), num_classes),
-            torch.zeros(len(blank)),
-            test_x,
-            recon,
-            num_classes,
-        )
-        save_image(image_grid(blank[:64]), plots / "samples_uncond.png")
+    _write_grids(plots, grids, test_x, recon, num_classes)
     timings["total"] = round(time.monotonic() - started, 1)
     out["timings_seconds"] = timings
     out["eval_config_hash"] = eval_config_hash(params)
     return out
+
+
+def _baselines(params: Params, tokenizer: Tokenizer, train_x, test_x, dm, seed: int) -> tuple[dict, dict]:
+    """Floor (real train images) and ceiling (unigram tokens) FID_domain, on the same pipeline."""
+    n = params.evaluate.num_samples
+    phase("evaluate", "baselines", "real and unigram FID_domain")
+    floor_rows = np.random.default_rng(seed).permutation(len(train_x))
+    k = min(n, len(train_x))
+    metrics = {
+        "fid_domain_real": dm(train_x[floor_rows[:k]], test_x)["fid_domain"],
+        "fid_domain_unigram": dm(_unigram_images(params, tokenizer, n, seed), test_x)["fid_domain"],
+    }
+    definitions = {
+        "fid_domain_real": f"{k} train images vs the test split (floor)",
+        "fid_domain_unigram": f"{n} images decoded from tokens drawn i.i.d. from the train split's token "
+        "frequencies, vs the test split (ceiling)",
+    }
+    return metrics, definitions
+
+
+def _reconstruction(
+    tokenizer: Tokenizer, test_x: np.ndarray, dm
+) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """rFID, PSNR, SSIM and codebook usage on the test split, with the tokens and reconstructions."""
+    n_ref = len(test_x)
+    phase("evaluate", "reconstruction", f"{n_ref} test images")
+    test_tokens = tokenizer.encode_uint8(test_x)
+    recon = tokenizer.decode_uint8(test_tokens)
+    metrics = {"rfid_domain": dm(recon, test_x)["fid_domain"]}
+    x01 = torch.from_numpy(test_x).float() / 255
+    r01 = torch.from_numpy(recon).float() / 255
+    metrics["psnr"] = round(float(psnr(r01, x01)), 3)
+    metrics["ssim"] = round(ssim(recon, test_x), 4)
+    metrics["codebook_usage"] = round(codebook_usage(test_tokens, tokenizer.codebook_size, 256), 4)
+    definitions = {
+        "images": n_ref,
+        "split": "test",
+        "rfid_domain": "reconstructions vs originals of the test split, domain extractor",
+        "codebook_usage": "fraction of codes used per batch of 256 test images, averaged over full batches",
+        "psnr": "per image on [0, 1] pixels, averaged",
+        "ssim": "Gaussian window 11, sigma 1.5, averaged",
+    }
+    return metrics, definitions, test_tokens, recon
+
+
+def _write_grids(plots: Path, grids: dict | None, test_x, recon, num_classes: int) -> None:
+    """The sample, rejection and reconstruction grids; blank sample grids when sampling was skipped."""
+    if grids is not None:
+        _grids(plots, grids["images"], grids["labels"], grids["scores"], test_x, recon, num_classes)
+        save_image(image_grid(grids["uncond"][:64]), plots / "samples_uncond.png")
+        return
+    # dvc.yaml declares these plots: a skipped sampling leaves blank grids, not stale or missing ones
+    blank = np.zeros((num_classes * 8, *test_x.shape[1:]), dtype=np.uint8)
+    labels = _balanced_labels(len(blank), num_classes)
+    _grids(plots, blank, labels, torch.zeros(len(blank)), test_x, recon, num_classes)
+    save_image(image_grid(blank[:64]), plots / "samples_uncond.png")
 
 
 def _unigram_images(params: Params, tokenizer: Tokenizer, n: int, seed: int) -> np.ndarray:
