@@ -39,7 +39,8 @@ def tokenizer_fingerprint(cfg: TokenizerSection, data_version: str, seed: int) -
         "seed": seed,
     }
     spec["tokenizer"]["train"].pop("resume", None)
-    spec["tokenizer"]["train"].pop("processes", None)  # a checkpoint of N ranks resumes on M (docs/scaling.md)
+    # a checkpoint of N ranks resumes on M (docs/scaling.md)
+    spec["tokenizer"]["train"].pop("processes", None)
     spec["tokenizer"]["train"].pop("select", None)  # only picks what is exported; every run tracks val
     return run.fingerprint(spec)
 
