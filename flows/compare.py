@@ -1,7 +1,7 @@
 """Compare MLflow runs or registry versions side by side: their key metrics and their sample grids.
 
     python -m flows.compare RUN_ID RUN_ID ...               # runs (a pipeline run, or one of its stages)
-    python -m flows.compare models:/vit-vqgan/3 vit-vqgan@champion
+    python -m flows.compare models:/vim/3 vim@champion
     python -m flows.compare --champion                      # the registry's champion and challenger
 
 Prints the metrics table, and writes it as Markdown (comparison.md) beside a side-by-side PNG of the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.mlflow_run import check_reachable, client
-from flows.registry import BUNDLE_TAG, CHALLENGER, CHAMPION, METRIC_TAG, MODEL_NAMES, RUN_TAG, finite_number
+from flows.registry import CHALLENGER, CHAMPION, METRIC_TAG, MODEL_NAME, PIPELINE_TAG, RUN_TAG, finite_number
 from vim_core.errors import VimError
 from vim_core.io import atomic_write_bytes, atomic_write_text
 
@@ -128,7 +128,7 @@ def resolve(c, ref: str) -> Subject:
         }
         # The version's own run (where its model was logged), the run that registered it, its pipeline.
         runs = []
-        for rid in (mv.run_id, mv.tags.get(RUN_TAG), mv.tags.get(BUNDLE_TAG)):
+        for rid in (mv.run_id, mv.tags.get(RUN_TAG), mv.tags.get(PIPELINE_TAG)):
             if rid and rid not in {r.info.run_id for r in runs}:
                 for r in _related_runs(c, _get_run(c, rid, ref)):
                     if r.info.run_id not in {x.info.run_id for x in runs}:
@@ -142,7 +142,7 @@ def resolve(c, ref: str) -> Subject:
     return Subject(label, ref, _fill({}, runs), runs)
 
 
-def champion_refs(name: str = MODEL_NAMES[0]) -> list[str]:
+def champion_refs(name: str = MODEL_NAME) -> list[str]:
     return [f"models:/{name}@{CHAMPION}", f"models:/{name}@{CHALLENGER}"]
 
 
@@ -270,29 +270,25 @@ def compare(refs: list[str], out_dir: str | Path) -> dict:
     return {"subjects": subjects, "table": table_text(subjects), "files": files}
 
 
-def attach_to_version(decision: dict, names=MODEL_NAMES) -> dict | None:
+def attach_to_version(decision: dict) -> dict | None:
     """After a promotion (registry.compare_and_promote's decision): compare the champion it faced with the
     challenger, log comparison.md and .png as artifacts of the challenger version's run (where its model
-    was logged) under comparison/, and point each challenger version at them (tag and description).
+    was logged) under comparison/, and point the challenger version at them (tag and description).
     Returns compare()'s result, or None when there was no earlier champion to compare with."""
-    lead = names[0]
-    before, challenger = decision["champion_before"].get(lead), decision["challenger"].get(lead)
+    name, before, challenger = decision["model"], decision["champion_before"], decision["challenger"]
     if not before or not challenger or before == challenger:
         log.info("no earlier champion to compare the challenger with")
         return None
     c = client()
-    run_id = c.get_model_version(lead, challenger).run_id
-    refs = [f"models:/{lead}/{before}", f"models:/{lead}/{challenger}"]
+    run_id = c.get_model_version(name, challenger).run_id
+    refs = [f"models:/{name}/{before}", f"models:/{name}/{challenger}"]
     with tempfile.TemporaryDirectory() as tmp:
         result = compare(refs, tmp)
         c.log_artifacts(run_id, tmp, artifact_path="comparison")
     where = f"runs:/{run_id}/comparison/{MD_NAME}"
     description = f"Compared with champion v{before} ({where}):\n\n" + table_markdown(result["subjects"])
-    for name in names:
-        version = decision["challenger"].get(name)
-        if version:
-            c.set_model_version_tag(name, version, COMPARISON_TAG, where)
-            c.update_model_version(name, version, description=description[:5000])
+    c.set_model_version_tag(name, challenger, COMPARISON_TAG, where)
+    c.update_model_version(name, challenger, description=description[:5000])
     return result
 
 
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--champion", action="store_true", help="compare the registry's champion and challenger"
     )
-    parser.add_argument("--model", default=MODEL_NAMES[0], help="with --champion: the registered model")
+    parser.add_argument("--model", default=MODEL_NAME, help="with --champion: the registered model")
     parser.add_argument("--out", default="comparison", help="folder for comparison.md and .png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -1,17 +1,16 @@
-"""Publish a finished pipeline run: log its models to MLflow, register them as the challenger, promote.
+"""Publish a finished pipeline run: log its model to MLflow, register it as the challenger, promote.
 
 Not a DVC stage: its output is registry state, not files. `flows/retrain.py` calls it right after
 `dvc repro`; `python -m flows.publish` does the same for a pipeline you ran yourself. It refuses to
 publish when `dvc status` says the outputs are stale, so the registered weights are the ones the evaluate
 stage's metrics were measured on.
 
-Three models, each a pyfunc logged from code (flows/pyfunc_models.py) with a signature, its weights
-taken as the pipeline's safetensors files: vit-vqgan (the tokenizer), vim-transformer, and vim-generator
-(both, class ids in, PNG images out). They are registered as one bundle with the eval metrics and the
-eval-config hash, aliased `challenger`, and compare_and_promote moves `champion` to them only if they
-beat the champion on params.yaml's `promotion:` rule. The challenger's comparison with the champion it
-faced (flows/compare.py: metrics table and sample grids) is then logged on its run and linked from its
-versions.
+One model, `vim`: the generator pyfunc logged from code (flows/pyfunc_models.py) with a signature (class
+ids in, PNG images out), its artifacts the pipeline's tokenizer and transformer safetensors files. It is
+registered with the eval metrics and the eval-config hash, aliased `challenger`, and compare_and_promote
+moves `champion` to it only if it beats the champion on params.yaml's `promotion:` rule. The
+challenger's comparison with the champion it faced (flows/compare.py: metrics table and sample grids)
+is then logged on its run and linked from its version.
 """
 
 import json
@@ -31,7 +30,7 @@ from flows import vcs
 from flows.common import failed_on_bad_input, run_stage
 from flows.compare import attach_to_version
 from flows.mlflow_run import check_reachable, enabled
-from flows.registry import MODEL_NAMES, compare_and_promote, register_bundle
+from flows.registry import compare_and_promote, register_challenger
 from flows.retry import transient_retries
 from flows.stages import declared
 from flows.tracking import log_json_metrics, stage_run
@@ -42,7 +41,6 @@ log = logging.getLogger("vim.publish")
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_models.py")
-KINDS = dict(zip(("tokenizer", "transformer", "generator"), MODEL_NAMES, strict=True))
 # What the logged models import, pinned to the versions that logged them.
 REQUIREMENTS = (
     "mlflow",
@@ -107,31 +105,17 @@ def sampling_defaults(params: Params, used: dict | None = None) -> dict:
     }
 
 
-def signatures(files: dict[str, str], defaults: dict) -> dict:
-    """The three models' signatures, shaped by the trained models themselves."""
-    import numpy as np
+def signature(files: dict[str, str], defaults: dict):
+    """The generator's signature: class ids and sampling options in, one PNG per class id out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from vim_core.tokenizer.export import load_tokenizer
-    from vim_core.transformer.export import load_transformer
-
-    tok = load_tokenizer(files["tokenizer"])
-    vim, _ = load_transformer(files["transformer"])
-    images = TensorSpec(np.dtype(np.uint8), (-1, tok.channels, tok.image_size, tok.image_size))
-    tokens = TensorSpec(np.dtype(np.int64), (-1, vim.seq_len))
-    classes = Schema([ColSpec("long")])  # unnamed: a DataFrame column, a list or an array all fit
     kinds = {"temperature": "double", "top_p": "double", "cfg_scale": "double"}
-    options = ParamSchema([ParamSpec(k, kinds.get(k, "long"), v) for k, v in defaults.items()])
-    return {
-        "tokenizer": ModelSignature(inputs=Schema([images]), outputs=Schema([tokens])),
-        "transformer": ModelSignature(inputs=classes, outputs=Schema([tokens]), params=options),
-        "generator": ModelSignature(
-            inputs=classes,
-            outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "image_png")]),
-            params=options,
-        ),
-    }
+    return ModelSignature(
+        inputs=Schema([ColSpec("long")]),  # unnamed: a DataFrame column, a list or an array all fit
+        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "image_png")]),
+        params=ParamSchema([ParamSpec(k, kinds.get(k, "long"), v) for k, v in defaults.items()]),
+    )
 
 
 def requirements() -> list[str]:
@@ -146,7 +130,7 @@ def requirements() -> list[str]:
 
 @contextmanager
 def vim_core_source() -> Iterator[str]:
-    """A copy of vim_core's Python files (no embedded data), shipped in each model's code folder."""
+    """A copy of vim_core's Python files (no embedded data), shipped in the model's code folder."""
     src = REPO / "vim_core"
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "vim_core"
@@ -188,41 +172,32 @@ def _mlflow_io() -> Iterator[None]:
 
 
 @task(**RETRY)
-def log_models(params: Params, run_id: str) -> dict[str, str]:
-    """Log the three pyfunc models to `run_id`; returns registry name -> models:/m-... URI."""
+def log_model(params: Params, run_id: str) -> str:
+    """Log the `vim` pyfunc to `run_id`, the weights as its artifacts; returns its models:/m-... URI."""
     import mlflow
 
     check_reachable()
     files = model_files(params)
     defaults = sampling_defaults(params, evaluated_sampling(params))
-    sigs = signatures(files, defaults)
-    artifacts = {
-        "tokenizer": {"tokenizer": files["tokenizer"]},
-        "transformer": {"transformer": files["transformer"]},
-        "generator": files,
-    }
-    uris = {}
     with _mlflow_io(), _in_run(run_id), vim_core_source() as code, warnings.catch_warnings():
-        # the signatures are explicit; an input example would only make MLflow sample at log time
+        # the signature is explicit; an input example would only make MLflow sample at log time
         warnings.filterwarnings("ignore", message=".*input example was not provided")
-        for kind, name in KINDS.items():
-            info = mlflow.pyfunc.log_model(
-                name=kind,
-                python_model=str(MODEL_CODE),
-                artifacts=artifacts[kind],
-                code_paths=[code],
-                signature=sigs[kind],
-                model_config={kind: {} if kind == "tokenizer" else defaults},
-                pip_requirements=requirements(),
-            )
-            uris[name] = info.model_uri
-    return uris
+        info = mlflow.pyfunc.log_model(
+            name="vim",
+            python_model=str(MODEL_CODE),
+            artifacts=files,
+            code_paths=[code],
+            signature=signature(files, defaults),
+            model_config=defaults,
+            pip_requirements=requirements(),
+        )
+    return info.model_uri
 
 
 @task(**RETRY)
-def register(uris: dict[str, str], metrics: dict, run_id: str, eval_hash: str) -> dict[str, str]:
+def register(uri: str, metrics: dict, run_id: str, eval_hash: str) -> str:
     with _mlflow_io():
-        return register_bundle(uris, metrics, run_id, eval_hash=eval_hash)
+        return register_challenger(uri, metrics, run_id, eval_hash=eval_hash)
 
 
 @task(**RETRY)
@@ -230,7 +205,6 @@ def promote(params: Params, run_id: str) -> dict:
     p = params.promotion
     with _mlflow_io():
         return compare_and_promote(
-            MODEL_NAMES,
             metric=p.metric,
             lower_is_better=p.lower_is_better,
             guard_metric=p.guard_metric,
@@ -239,8 +213,8 @@ def promote(params: Params, run_id: str) -> dict:
         )
 
 
-def compare_with_champion(decision: dict, names=MODEL_NAMES) -> None:
-    """Attach the champion-vs-challenger comparison (flows.compare) to the challenger versions' run.
+def compare_with_champion(decision: dict) -> None:
+    """Attach the champion-vs-challenger comparison (flows.compare) to the challenger version's run.
 
     The registry state is already decided; a comparison that cannot be made is a warning, not a failure.
     """
@@ -248,7 +222,7 @@ def compare_with_champion(decision: dict, names=MODEL_NAMES) -> None:
 
     try:
         with _mlflow_io():
-            attach_to_version(decision, names)
+            attach_to_version(decision)
     except (VimError, MlflowException) as err:
         log.warning("could not attach the comparison with the champion: %s", str(err).splitlines()[0])
 
@@ -319,17 +293,18 @@ def publish_pipeline(params: Params, check_status: bool = True) -> dict:
     metrics, eval_hash = eval_metrics(params)
     with stage_run("publish", {"promotion": params.promotion.model_dump(mode="json")}) as tracker:
         log_json_metrics(tracker, declared("evaluate").metrics_file)
-        uris = log_models(params, tracker.run_id)
-        versions = register(uris, metrics, tracker.run_id, eval_hash)
+        uri = log_model(params, tracker.run_id)
+        version = register(uri, metrics, tracker.run_id, eval_hash)
         decision = promote(params, tracker.run_id)
         compare_with_champion(decision)
-    log.info("registered %s; promotion %s: %s", versions, decision["outcome"], decision["reason"])
-    return {"run_id": tracker.run_id, "models": uris, "versions": versions, "promotion": decision}
+    log.info("registered v%s; promotion %s: %s", version, decision["outcome"], decision["reason"])
+    versions = {decision["model"]: version}  # the shape flows.retrain reports
+    return {"run_id": tracker.run_id, "model": uri, "versions": versions, "promotion": decision}
 
 
 @flow(name="publish")
 def publish(params_path: str = "params.yaml"):
-    """Register the pipeline's models as the challenger and promote them if they beat the champion."""
+    """Register the pipeline's model as the challenger and promote it if it beats the champion."""
     return failed_on_bad_input(_publish, params_path)
 
 

@@ -1,21 +1,18 @@
-"""MLflow pyfunc models: the tokenizer (vit-vqgan), the Transformer (vim-transformer), and the generator
-(vim-generator) that samples tokens with the one and decodes them with the other.
+"""The MLflow pyfunc model `vim`: the generator, which samples tokens with the Transformer and decodes them
+with the tokenizer. Class ids in, one row per image out: class_id and image_png (a base64 PNG).
 
-This file is logged as models-from-code (flows/publish.py): MLflow stores it with each model and runs it
-on load. The weights are the pipeline's own safetensors files, stored as the model's artifacts and read
-by vim_core's loaders; the vim_core source travels in the model's code folder, so no pickled object is
-ever loaded. model_config is {kind: sampling defaults}: its key says which of the three a logged model
-is, its value holds the sampling options the pipeline evaluated with.
-
-- vit-vqgan: uint8 images (N, C, H, W) or (N, H, W) -> int64 token grids (N, L).
-- vim-transformer: class ids -> int64 token grids (N, L).
-- vim-generator: class ids -> one row per image: class_id and image_png (a base64 PNG).
+This file is logged as models-from-code (flows/publish.py): MLflow stores it with the model and runs it
+on load. The weights are the pipeline's own safetensors files, stored as the model's artifacts
+(artifacts/tokenizer.safetensors and artifacts/transformer.safetensors, loadable on their own with
+vim_core's loaders, docs/operations.md) and read by vim_core's loaders; the vim_core source travels in
+the model's code folder, so no pickled object is ever loaded. model_config holds the sampling options
+the pipeline evaluated with.
 
 Class ids come as a DataFrame with a `class_id` column (what `mlflow models serve` hands over for
 {"dataframe_records": [{"class_id": 3}]}), or a list or array of ints. Sampling options are predict
 params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size.
 
-A request holds at most max_images() images (class ids, or images to encode): 256, or the
+A request holds at most max_images() images: 256, or the
 VIM_MAX_IMAGES_PER_REQUEST environment variable of the serving process. A bigger one is refused with
 HTTP 400 before any work, so one request cannot hold a server for hours or exhaust its memory. Every
 other input and sampling option is checked before any work too (vim_core.transformer.requests, which
@@ -31,7 +28,6 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-KINDS = ("tokenizer", "transformer", "generator")
 SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale", "seed", "batch_size")
 
 
@@ -111,7 +107,7 @@ def decode_png(text: str) -> np.ndarray:
 
 
 class VimModel(PythonModel):
-    """One of the three models, picked by the key of model_config when MLflow loads it."""
+    """The generator: class ids in, PNG images out."""
 
     def load_context(self, context) -> None:
         import torch
@@ -119,42 +115,24 @@ class VimModel(PythonModel):
         from vim_core.tokenizer.export import load_tokenizer
         from vim_core.transformer.export import load_transformer
 
-        # {kind: sampling defaults}; keyed by kind because MLflow also logs model_config as run params,
-        # and the three models share one run.
-        config = dict(context.model_config or {})
-        kinds = [k for k in config if k in KINDS]
-        if len(kinds) != 1:
-            raise ValueError(f"model_config must have one key of {KINDS}, got {list(config)}")
-        self.kind = kinds[0]
-        self.defaults = {k: v for k, v in (config[self.kind] or {}).items() if k in SAMPLING}
+        self.defaults = {k: v for k, v in (context.model_config or {}).items() if k in SAMPLING}
         self.device = torch.device("cpu")
-        self.tokenizer = self.transformer = None
-        if self.kind in ("tokenizer", "generator"):
-            self.tokenizer = load_tokenizer(context.artifacts["tokenizer"]).eval()
-        if self.kind in ("transformer", "generator"):
-            self.transformer, _ = load_transformer(context.artifacts["transformer"])
+        self.tokenizer = load_tokenizer(context.artifacts["tokenizer"]).eval()
+        self.transformer, _ = load_transformer(context.artifacts["transformer"])
 
     def predict(self, context, model_input, params: dict | None = None):
+        import pandas as pd
+
         from vim_core.errors import VimError
 
         # Every refusal of vim_core's checks (and of sampling itself) is the caller's mistake: HTTP 400.
         try:
-            if self.kind == "tokenizer":
-                return self.encode(model_input)
             ids = class_ids(model_input, self.transformer.num_classes)
             tokens = self.sample(ids, {**self.defaults, **(params or {})})
         except VimError as err:
             raise _bad_input(str(err)) from None
-        if self.kind == "transformer":
-            return tokens.numpy()
-        return self.images(ids, tokens)
-
-    def encode(self, images) -> np.ndarray:
-        from vim_core.transformer.requests import images_uint8
-
-        want = (self.tokenizer.channels, self.tokenizer.image_size, self.tokenizer.image_size)
-        x = images_uint8(images, want, max_images(), _cap_note())
-        return self.tokenizer.encode_uint8(x).numpy().astype(np.int64)
+        pixels = self.tokenizer.decode_uint8(tokens)
+        return pd.DataFrame({"class_id": ids, "image_png": [png_base64(img) for img in pixels]})
 
     def sample(self, ids: np.ndarray, opts: dict):
         import torch
@@ -168,12 +146,6 @@ class VimModel(PythonModel):
         if labels is None:
             checked["cfg_scale"] = 1.0
         return sample(model, len(ids), labels, device=self.device, **checked)
-
-    def images(self, ids: np.ndarray, tokens):
-        import pandas as pd
-
-        pixels = self.tokenizer.decode_uint8(tokens)
-        return pd.DataFrame({"class_id": ids, "image_png": [png_base64(img) for img in pixels]})
 
 
 mlflow.models.set_model(VimModel())
