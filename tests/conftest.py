@@ -191,11 +191,10 @@ def tracking_env(mlflow_server, monkeypatch, request):  # noqa: F811 (the fixtur
 
 
 @pytest.fixture
-def names():
-    """Model names of this test's own, since the server lives for the whole session."""
+def name():
+    """A model name of this test's own, since the server lives for the whole session."""
     import uuid
 
     from flows import registry
 
-    tag = uuid.uuid4().hex[:6]
-    return tuple(f"{n}-{tag}" for n in registry.MODEL_NAMES)
+    return f"{registry.MODEL_NAME}-{uuid.uuid4().hex[:6]}"

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from flows import compare, mlflow_run, publish, tracking
-from flows.registry import compare_and_promote, register_bundle
+from flows.registry import compare_and_promote, register_challenger
 from vim_core.io import spec_hash
 
 ECHO = Path(__file__).parent / "assets" / "echo_model.py"
@@ -35,7 +35,7 @@ def _grid(mnist, path: Path, offset: int = 0) -> Path:
     return path
 
 
-def pipeline(tmp_path, mnist, names, fid, acc, usage, bits, register=True, offset=0, params=None) -> dict:
+def pipeline(tmp_path, mnist, name, fid, acc, usage, bits, register=True, offset=0, params=None) -> dict:
     """One pipeline run with its transformer and evaluate stages, as the stages log them; the evaluate
     stage logs `params`, a sample grid, and a pyfunc model that is registered as the challenger bundle."""
     import mlflow
@@ -56,14 +56,12 @@ def pipeline(tmp_path, mnist, names, fid, acc, usage, bits, register=True, offse
             }
             t.log_metrics(metrics, step=0)
             t.log_image(grid, "samples_per_class")
-            versions = {}
+            versions = None
             if register:
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(ECHO), pip_requirements=["mlflow"]
                 )
-                versions = register_bundle(
-                    dict.fromkeys(names, info.model_uri), metrics, t.run_id, eval_hash=EVAL
-                )
+                versions = register_challenger(info.model_uri, metrics, t.run_id, eval_hash=EVAL, name=name)
             evaluate = t.run_id
     return {"parent": parent, "evaluate": evaluate, "versions": versions, "grid": grid, "metrics": metrics}
 
@@ -72,9 +70,9 @@ def _cells(table: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
 
 
-def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, names, tmp_path, capsys):
-    a = pipeline(tmp_path, mnist, names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
-    b = pipeline(tmp_path, mnist, names, offset=2, fid=12.5, acc=0.875, usage=0.75, bits=2.0, register=False)
+def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, name, tmp_path, capsys):
+    a = pipeline(tmp_path, mnist, name, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
+    b = pipeline(tmp_path, mnist, name, offset=2, fid=12.5, acc=0.875, usage=0.75, bits=2.0, register=False)
     out = tmp_path / "out"
     # a pipeline run brings its stages' metrics; a stage run brings its siblings'
     assert compare.main([a["parent"], b["evaluate"], "--out", str(out)]) == 0
@@ -97,20 +95,19 @@ def test_compare_two_runs_prints_and_writes_table_and_grids(env, mnist, names, t
     assert not list(out.glob(".*.tmp"))  # written atomically: no temp files left
 
 
-def test_versions_aliases_and_champion_flag(env, mnist, names, tmp_path, capsys):
-    first = pipeline(tmp_path, mnist, names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
-    assert compare_and_promote(names)["outcome"] == "promoted"
-    pipeline(tmp_path, mnist, names, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
-    lead = names[0]
-    assert compare.main(["--champion", "--model", lead, "--out", str(tmp_path / "c")]) == 0
+def test_versions_aliases_and_champion_flag(env, mnist, name, tmp_path, capsys):
+    first = pipeline(tmp_path, mnist, name, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
+    assert compare_and_promote(name)["outcome"] == "promoted"
+    pipeline(tmp_path, mnist, name, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
+    assert compare.main(["--champion", "--model", name, "--out", str(tmp_path / "c")]) == 0
     rows = _cells(capsys.readouterr().out)
     assert rows["fid_domain"] == ["20", "15"] and rows["val_bits_per_token"] == ["3", "2.5"]
     assert rows["fid_domain_val"] == ["21", "16"] and rows["class_accuracy_val"] == ["0.95", "0.96"]
     md = (tmp_path / "c" / "comparison.md").read_text()
-    assert f"{lead} v1 (champion)" in md and f"{lead} v2 (challenger)" in md
+    assert f"{name} v1 (champion)" in md and f"{name} v2 (challenger)" in md
     # the same two by number and by bare NAME@alias, mixed with a run id
     assert (
-        compare.main([f"models:/{lead}/1", f"{lead}@challenger", first["parent"], "--out", str(tmp_path)])
+        compare.main([f"models:/{name}/1", f"{name}@challenger", first["parent"], "--out", str(tmp_path)])
         == 0
     )
     rows = _cells(capsys.readouterr().out)
@@ -118,13 +115,13 @@ def test_versions_aliases_and_champion_flag(env, mnist, names, tmp_path, capsys)
     assert Image.open(tmp_path / "comparison.png").width > 3 * 50
 
 
-def test_bad_input_is_one_line_and_nonzero(env, mnist, names, tmp_path):
-    a = pipeline(tmp_path, mnist, names, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
+def test_bad_input_is_one_line_and_nonzero(env, mnist, name, tmp_path):
+    a = pipeline(tmp_path, mnist, name, fid=30.0, acc=0.5, usage=0.25, bits=3.5, register=False)
     cases = {
         (a["parent"],): "two or more",
         (): "two or more",
         (a["parent"], "0123456789abcdef0123456789abcdef"): "no such MLflow run",
-        (a["parent"], f"models:/{names[0]}/7"): "no such registered model version",
+        (a["parent"], f"models:/{name}/7"): "no such registered model version",
         (a["parent"], "models:/m-123"): "expected models:/NAME/VERSION",
     }
     for args, message in cases.items():
@@ -137,14 +134,14 @@ def test_bad_input_is_one_line_and_nonzero(env, mnist, names, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_promotion_attaches_the_comparison_to_the_challenger_version(env, mnist, names, tmp_path):
-    pipeline(tmp_path, mnist, names, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
-    first = compare_and_promote(names)
-    assert compare.attach_to_version(first, names) is None  # nothing to compare with yet
-    second = pipeline(tmp_path, mnist, names, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
-    decision = compare_and_promote(names)
+def test_promotion_attaches_the_comparison_to_the_challenger_version(env, mnist, name, tmp_path):
+    pipeline(tmp_path, mnist, name, fid=20.0, acc=0.95, usage=0.5, bits=3.0)
+    first = compare_and_promote(name)
+    assert compare.attach_to_version(first) is None  # nothing to compare with yet
+    second = pipeline(tmp_path, mnist, name, offset=2, fid=15.0, acc=0.96, usage=0.625, bits=2.5)
+    decision = compare_and_promote(name)
     assert decision["outcome"] == "promoted"
-    publish.compare_with_champion(decision, names)  # what flows.publish does after promoting
+    publish.compare_with_champion(decision)  # what flows.publish does after promoting
     c = mlflow_run.client()
     run = second["evaluate"]  # where the challenger's model was logged
     assert {f.path for f in c.list_artifacts(run, "comparison")} == {
@@ -153,15 +150,14 @@ def test_promotion_attaches_the_comparison_to_the_challenger_version(env, mnist,
     }
     md = Path(c.download_artifacts(run, "comparison/comparison.md", str(tmp_path))).read_text()
     assert "| fid_domain | 20 | 15 |" in md
-    for name in names:
-        mv = c.get_model_version(name, "2")
-        assert mv.tags[compare.COMPARISON_TAG] == f"runs:/{run}/comparison/comparison.md"
-        assert "| fid_domain | 20 | 15 |" in mv.description and "champion v1" in mv.description
+    mv = c.get_model_version(name, "2")
+    assert mv.tags[compare.COMPARISON_TAG] == f"runs:/{run}/comparison/comparison.md"
+    assert "| fid_domain | 20 | 15 |" in mv.description and "champion v1" in mv.description
 
 
-def test_a_comparison_that_cannot_be_made_is_a_warning_after_promotion(env, names, caplog):
+def test_a_comparison_that_cannot_be_made_is_a_warning_after_promotion(env, name, caplog):
     """publish has already moved the aliases; a missing version makes a warning, not a failed publish."""
-    decision = {"champion_before": {names[0]: "1"}, "challenger": {names[0]: "2"}}
+    decision = {"model": name, "champion_before": "1", "challenger": "2"}
     with caplog.at_level("WARNING", logger="vim.publish"):
-        publish.compare_with_champion(decision, names)
+        publish.compare_with_champion(decision)
     assert "could not attach the comparison" in caplog.text

@@ -109,7 +109,7 @@ def _refused_in_process(gen, inputs, params, says):
 def generator(logged):  # noqa: F811
     import mlflow
 
-    return mlflow.pyfunc.load_model(logged["vim-generator"])
+    return mlflow.pyfunc.load_model(logged)
 
 
 @pytest.mark.bad_input
@@ -143,7 +143,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def served(logged, tmp_path_factory):  # noqa: F811
     """One real `mlflow models serve` of the generator for every HTTP case of this module."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with servers.model_server(logged["vim-generator"], log) as url:
+    with servers.model_server(logged, log) as url:
         yield f"{url}/invocations"
 
 
