@@ -26,7 +26,7 @@ from tests.conftest import GIT_IDENTITY, copy_repo, git_commit
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-NAMES = ("vit-vqgan", "vim-transformer", "vim-generator")
+NAMES = ("vim",)
 STAGES = (
     "prepare_data",
     "train_classifier",
@@ -242,11 +242,11 @@ def test_retrain_tracks_every_stage_and_promotes_the_first_bundle(orch, first, t
     }
     assert runs["prepare_data"].data.metrics["counts/train"] > 0
 
-    # registry: one bundle, champion and challenger, tagged with the eval metrics and hash
+    # registry: one version of `vim`, champion and challenger, tagged with the eval metrics and hash
     assert _aliases(c, "champion") == _aliases(c, "challenger") == dict.fromkeys(NAMES, "1")
     for name in NAMES:
         mv = c.get_model_version(name, "1")
-        assert mv.tags["vim.bundle"] == pipeline.info.run_id
+        assert mv.tags["vim.pipeline_run"] == pipeline.info.run_id
         assert mv.tags["vim.eval_config_hash"] == eval_json["eval_config_hash"]
         assert float(mv.tags["metric.psnr"]) == pytest.approx(eval_json["psnr"])
     decision = json.loads(
@@ -266,7 +266,7 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
     from vim_core.tokenizer.export import load_tokenizer
     from vim_core.tokenizer.model import to_model_range
 
-    gen = mlflow.pyfunc.load_model("models:/vim-generator@champion")
+    gen = mlflow.pyfunc.load_model("models:/vim@champion")
     sig = gen.metadata.signature
     defaults = {p.name: p.default for p in sig.params.params}
     # the sampling evaluate used: the guidance scale its search picked on val images, from eval.json
@@ -284,18 +284,22 @@ def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, 
     other = gen.predict([0, 1, 2, 7], params={"seed": 8, "top_k": 5, "top_p": 0.9, "cfg_scale": 1.5})
     assert list(other.image_png) != list(out.image_png)
 
-    tok = mlflow.pyfunc.load_model("models:/vit-vqgan@champion")
-    test_x, _ = load_split(orch.repo / "data" / "prepared", "test", limit=8)
-    tokens = tok.predict(test_x)
+    # the tokenizer and the transformer, from the champion's artifacts (docs/operations.md)
     import torch
 
+    from vim_core.transformer.export import load_transformer
+    from vim_core.transformer.sampling import sample
+
+    root = mlflow.artifacts.download_artifacts("models:/vim@champion")
+    tok = load_tokenizer(root + "/artifacts/tokenizer.safetensors").eval()
+    test_x, _ = load_split(orch.repo / "data" / "prepared", "test", limit=8)
     local = load_tokenizer(str(orch.repo / "models" / "tokenizer" / "tokenizer.safetensors")).eval()
     with torch.inference_mode():
-        expected = local.encode(to_model_range(test_x)).numpy()
+        tokens, expected = (t.encode(to_model_range(test_x)).numpy() for t in (tok, local))
     np.testing.assert_array_equal(tokens, expected)
-    vim = mlflow.pyfunc.load_model("models:/vim-transformer@champion")
-    grid = vim.predict([3, 4], params={"seed": 1})
-    assert grid.shape == (2, 64) and grid.dtype == np.int64 and grid.min() >= 0 and grid.max() < 64
+    vim, _ = load_transformer(root + "/artifacts/transformer.safetensors")
+    grid = sample(vim, 2, torch.tensor([3, 4]), device=torch.device("cpu"), seed=1)
+    assert grid.shape == (2, 64) and grid.min() >= 0 and grid.max() < 64
 
 
 # ---- (b) mlflow models serve
@@ -319,7 +323,7 @@ def test_models_serve_answers_invocations_with_images(orch, first, mlflow_uri, t
 
     port = servers.free_port()
     cmd = [
-        str(BIN / "mlflow"), "models", "serve", "-m", "models:/vim-generator@champion",
+        str(BIN / "mlflow"), "models", "serve", "-m", "models:/vim@champion",
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -334,9 +338,7 @@ def test_models_serve_answers_invocations_with_images(orch, first, mlflow_uri, t
         rows = answer["predictions"]
         assert [r["class_id"] for r in rows] == [3, 5]
         assert all(decode_png(r["image_png"]).shape == (32, 32) for r in rows)
-        local = mlflow.pyfunc.load_model("models:/vim-generator@champion").predict(
-            [3, 5], params=body["params"]
-        )
+        local = mlflow.pyfunc.load_model("models:/vim@champion").predict([3, 5], params=body["params"])
         assert [r["image_png"] for r in rows] == list(local.image_png)  # same seed, same pixels, any process
         status, answer = _post(f"{url}/invocations", {"inputs": [1, 2, 4]})
         assert status == 200 and len(answer["predictions"]) == 3
@@ -358,7 +360,7 @@ def test_worse_variant_stays_challenger(orch, first, tmp_path):
     c = _client(orch)
     assert _aliases(c, "champion") == dict.fromkeys(NAMES, "1")
     assert _aliases(c, "challenger") == dict.fromkeys(NAMES, "2")
-    assert c.get_model_version("vim-generator", "2").tags["vim.promotion"].startswith("kept: psnr")
+    assert c.get_model_version("vim", "2").tags["vim.promotion"].startswith("kept: psnr")
     pipeline = _pipeline_runs(c)[-1]
     runs = _children(c, pipeline)
     # dvc exp run: the stages that changed ran again, as an experiment; prepare_data and
@@ -372,7 +374,7 @@ def test_worse_variant_stays_challenger(orch, first, tmp_path):
         ).read_text()
     )
     records = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
-    gen = {r["role"]: r for r in records if r["model"] == "vim-generator"}
+    gen = {r["role"]: r for r in records}
     assert gen["champion"]["version"] == "1" and gen["challenger"]["version"] == "2"
     assert gen["challenger"]["psnr"] == pytest.approx(after["psnr"], abs=1e-3)
     # flows.compare's table and sample grids, on the challenger's run, linked from its version
@@ -381,7 +383,7 @@ def test_worse_variant_stays_challenger(orch, first, tmp_path):
         "comparison/comparison.md",
         "comparison/comparison.png",
     }
-    mv = c.get_model_version("vim-generator", "2")
+    mv = c.get_model_version("vim", "2")
     assert mv.tags["vim.comparison"] == f"runs:/{publish_run}/comparison/comparison.md"
     assert "| psnr |" in mv.description
 
@@ -426,14 +428,14 @@ def test_served_deployment_has_its_schedule_and_a_triggered_run_registers_a_chal
         assert (
             sched.schedule.cron == "17 4 * * 2" and sched.schedule.timezone == "Europe/Paris" and sched.active
         )
-        before = _client(orch).get_model_version_by_alias("vim-generator", "challenger").version
+        before = _client(orch).get_model_version_by_alias("vim", "challenger").version
         with _prefect(orch):
             run = run_deployment("retrain/scheduled", timeout=900)
         assert run.state.is_completed(), (tmp_path / "serve.log").read_text()[-4000:]
     finally:
         servers.stop(proc, timeout=30)
     c = _client(orch)
-    after = c.get_model_version_by_alias("vim-generator", "challenger").version
+    after = c.get_model_version_by_alias("vim", "challenger").version
     assert int(after) == int(before) + 1
     pipeline = _pipeline_runs(c)[-1]
     assert pipeline.data.tags["vim.trigger"] == "scheduled" and pipeline.data.tags["vim.repo"] == str(
@@ -454,7 +456,7 @@ def test_work_pool_deployment_runs_on_a_process_worker(orch, first, tmp_path):
     assert dep.work_pool_name == "vim-process" and dep.schedules[0].schedule.cron == "0 5 * * *"
     # the worker runs it in the checkout that deployed it (and imports that checkout's flows)
     assert dep.job_variables["working_dir"] == str(orch.repo)
-    before = _client(orch).get_model_version_by_alias("vim-generator", "challenger").version
+    before = _client(orch).get_model_version_by_alias("vim", "challenger").version
     with _prefect(orch):
         run = run_deployment("retrain/pooled", timeout=0)  # scheduled now; the worker picks it up
     worker = subprocess.run(
@@ -467,7 +469,7 @@ def test_work_pool_deployment_runs_on_a_process_worker(orch, first, tmp_path):
         state = client.read_flow_run(run.id).state
     assert state.is_completed(), (worker.stdout + worker.stderr)[-4000:]
     c = _client(orch)
-    after = c.get_model_version_by_alias("vim-generator", "challenger").version
+    after = c.get_model_version_by_alias("vim", "challenger").version
     assert int(after) == int(before) + 1
     pipeline = _pipeline_runs(c)[-1]
     assert pipeline.data.tags["vim.trigger"] == "pooled" and pipeline.data.tags["vim.repo"] == str(orch.repo)

@@ -4,8 +4,12 @@
   is SIGKILLed at a random point, once in each phase: during the first run's `dvc repro` (a random stage,
   a random delay after it starts), during a later run's publish (log_models or register), during its
   promote. Each run must end within a bound, with exit 0 or a one-line `error:`, and leave the registry
-  coherent: the new bundle as challenger on all three names, or nothing new. A retrain with the server
+  coherent: the new version of `vim` as challenger, or nothing new. A retrain with the server
   back (same database, new port) then completes.
+- publish_kill_during_promotion: `python -m flows.publish` in the trained tiny repository is SIGKILLed at a
+  random moment of its second half (where it registers and promotes), 3 times. After each kill, champion
+  and challenger of `vim` must each be a complete version (its weights load, its tags carry the metrics
+  and the eval-config hash), and a rerun of publish must succeed.
 - served_generator_load: `mlflow models serve` of the champion generator under 8 client threads x 25
   small requests, with oversized requests (over VIM_MAX_IMAGES_PER_REQUEST) sent during the load: every
   normal request gets its images, every oversized one a prompt HTTP 400, and the server answers after.
@@ -181,8 +185,8 @@ def aliases(c) -> dict[str, dict[str, tuple[str, str] | None]]:
     for alias in (registry.CHAMPION, registry.CHALLENGER):
         out[alias] = {}
         for name in NAMES:
-            mv = registry._by_alias(c, name, alias)
-            out[alias][name] = None if mv is None else (str(mv.version), mv.tags.get(registry.BUNDLE_TAG))
+            mv = registry.by_alias(c, name, alias)
+            out[alias][name] = None if mv is None else (str(mv.version), mv.tags.get(registry.PIPELINE_TAG))
     return out
 
 
@@ -258,25 +262,81 @@ def test_prefect_stop_during_retrain(tiny, prefect_box, record_fault, tmp_path):
     assert all(o.rc is None or o.rc == 0 or "lost the Prefect API" in o.stderr[-1] for o, _ in outcomes)
 
 
-# ---- the registry's half of it: a bundle's aliases move together or not at all
+# ---- publish killed while it promotes: the one model's aliases never point at half a registration
 
 
-def test_register_bundle_moves_no_alias_when_one_registration_fails(tracking_env, names):
-    """A registration that fails on the last name leaves every name's challenger where it was."""
-    from mlflow.exceptions import MlflowException
+def publish(tiny, box) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.publish"],
+        cwd=tiny.repo,
+        env={**tiny.env, **box.env()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    from flows import mlflow_run
-    from tests.test_registry import EVAL, _pipeline
 
-    _, first = _pipeline(names, fid=10.0, acc=0.95)
-    c = mlflow_run.client()
-    source = c.get_model_version(names[0], first[names[0]]).source
-    uris = {names[0]: source, names[1]: source, names[2]: "runs:/0123456789abcdef0123456789abcdef/model"}
-    with pytest.raises(MlflowException):
-        registry.register_bundle(uris, {"fid_domain": 1.0}, None, eval_hash=EVAL)
-    now = {n: registry._version(registry._by_alias(c, n, registry.CHALLENGER)) for n in names}
-    assert now == first
-    assert {mv.version for mv in c.search_model_versions(f"name = '{names[0]}'")} == {"1", "2"}
+def complete(c, url: str, alias: str) -> str | None:
+    """What is wrong with the version `alias` points at (None: a complete version)."""
+    import mlflow
+
+    from vim_core.tokenizer.export import load_tokenizer
+    from vim_core.transformer.export import load_transformer
+
+    mv = registry.by_alias(c, registry.MODEL_NAME, alias)
+    if mv is None:
+        return f"{alias} points at nothing"
+    if registry.EVAL_HASH_TAG not in mv.tags or not any(k.startswith(registry.METRIC_TAG) for k in mv.tags):
+        return f"{alias} v{mv.version} lacks its metric tags: {mv.tags}"
+    uri = f"models:/{registry.MODEL_NAME}/{mv.version}"
+    root = mlflow.artifacts.download_artifacts(uri, tracking_uri=url, registry_uri=url)
+    try:
+        load_tokenizer(root + "/artifacts/tokenizer.safetensors")
+        load_transformer(root + "/artifacts/transformer.safetensors")
+    except Exception as err:  # noqa: BLE001  (any failure to load is the finding)
+        return f"{alias} v{mv.version}: weights do not load: {err!r}"
+    return None
+
+
+def test_publish_kill_during_promotion(tiny, champion, prefect_box, record_fault):
+    rng = fault_rng("publish_kill_during_promotion")
+    c = _client(tiny)
+    started = time.monotonic()
+    clean = publish(tiny, prefect_box)
+    assert clean.wait(600) == 0, clean.stderr.read()[-3000:]
+    took = time.monotonic() - started
+    injected = survived = 0
+    for _ in range(3):
+        proc = publish(tiny, prefect_box)
+        time.sleep(rng.uniform(0.5, 1.0) * took)  # its second half: register, promote, compare
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            injected += 1
+        proc.wait(60)
+        found = [
+            f
+            for f in (
+                complete(c, tiny.mlflow, registry.CHAMPION),
+                complete(c, tiny.mlflow, registry.CHALLENGER),
+            )
+            if f
+        ]
+        rerun = publish(tiny, prefect_box)
+        rc = rerun.wait(600)
+        if rc != 0:
+            found.append(f"rerun exit {rc}: {rerun.stderr.read()[-2000:]}")
+        found += [
+            f
+            for f in (
+                complete(c, tiny.mlflow, registry.CHAMPION),
+                complete(c, tiny.mlflow, registry.CHALLENGER),
+            )
+            if f
+        ]
+        survived += not found
+        assert not found, found
+    record_fault("publish_kill_during_promotion", injected=injected, survived=survived, data_lost=0)
+    assert injected >= 1, "every publish ended before its kill"
 
 
 # ---- serving under load
@@ -285,7 +345,7 @@ def test_register_bundle_moves_no_alias_when_one_registration_fails(tracking_env
 @pytest.fixture(scope="module")
 def champion(tiny, prefect_box):
     """A champion bundle: the one the Prefect test left, or a clean retrain when this runs alone."""
-    if registry._by_alias(_client(tiny), "vim-generator", registry.CHAMPION) is None:
+    if registry.by_alias(_client(tiny), "vim", registry.CHAMPION) is None:
         retrain(tiny, env=prefect_box.env())
 
 
@@ -314,7 +374,7 @@ def test_served_generator_load(tiny, champion, tmp_path):
     threads, per_thread = 8, 25
     port = servers.free_port()
     cmd = [
-        str(servers.BIN / "mlflow"), "models", "serve", "-m", "models:/vim-generator@champion",
+        str(servers.BIN / "mlflow"), "models", "serve", "-m", "models:/vim@champion",
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
