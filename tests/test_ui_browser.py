@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from flows import mlflow_run
-from flows.registry import BUNDLE_TAG, DECISION_TAG, METRIC_TAG, MODEL_NAMES
+from flows.registry import DECISION_TAG, METRIC_TAG, MODEL_NAME, PIPELINE_TAG
 from tests import servers
 from tests.mlflow_server import start_mlflow
 
@@ -33,6 +33,8 @@ EXPERIMENT = "vim"
 # The second pipeline run's `--set` (dvc exp run -S): tiny_params trains the tokenizer for 60 steps, this
 # for 3, which scores a worse PSNR every time and reruns every stage but prepare_data (about a minute).
 VARIANT = ("tokenizer.train.steps", "60", "3")
+
+MODEL_NAMES = (MODEL_NAME,)  # the registry holds one model
 
 
 def chromium() -> str | None:
@@ -128,9 +130,9 @@ def registry(tmp_path_factory):
         assert [s["promotion"] for s in summaries] == ["promoted", "kept"], summaries
         client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
         runs = []
-        for version in ("1", "2"):  # each bundle's tag names its pipeline run; its children are the stages
-            bundle = client.get_model_version(MODEL_NAMES[0], version).tags[BUNDLE_TAG]
-            runs.append(_children(client, client.get_run(bundle)))
+        for version in ("1", "2"):  # each version's tag names its pipeline run; its children are the stages
+            pipeline = client.get_model_version(MODEL_NAME, version).tags[PIPELINE_TAG]
+            runs.append(_children(client, client.get_run(pipeline)))
         experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
         yield SimpleNamespace(url=server.url, client=client, experiment=experiment, runs=runs)
     finally:
@@ -409,7 +411,7 @@ def _final_state(ui, flow_run_id, timeout: float):
         time.sleep(3)
 
 
-RETRAIN_TASKS = ("repro", "log_models", "register", "promote")  # dvc repro, then publish's three tasks
+RETRAIN_TASKS = ("repro", "log_model", "register", "promote")  # dvc repro, then publish's three tasks
 
 
 def test_prefect_run_button_retrains_and_its_page_shows_the_tasks_completed(page, prefect_ui, tmp_path):

@@ -2,7 +2,7 @@
 
 - prefect_stop_during_retrain: the real `prefect server start` that `python -m flows.retrain` reports to
   is SIGKILLed at a random point, once in each phase: during the first run's `dvc repro` (a random stage,
-  a random delay after it starts), during a later run's publish (log_models or register), during its
+  a random delay after it starts), during a later run's publish (log_model or register), during its
   promote. Each run must end within a bound, with exit 0 or a one-line `error:`, and leave the registry
   coherent: the new version of `vim` as challenger, or nothing new. A retrain with the server
   back (same database, new port) then completes.
@@ -233,7 +233,7 @@ def test_prefect_stop_during_retrain(tiny, prefect_box, record_fault, tmp_path):
     # The three phases, each as (marker line, delay range): the markers are Prefect's and DVC's log lines.
     plan = [
         ("repro", f"Running stage '{stage}'", (0.0, 6.0)),  # the first run: every stage does work
-        ("publish", "Data and pipelines are up to date", (0.0, 8.0)),  # log_models (~7 s), register
+        ("publish", "Data and pipelines are up to date", (0.0, 8.0)),  # log_model (~7 s), register
         ("promote", "Task run 'register-", (0.0, 0.5)),  # promote (~0.5 s), then the comparison
     ]
     outcomes, lost_count = [], 0
