@@ -8,7 +8,7 @@
 The pipeline runs as a `dvc repro` (or `dvc exp run`) subprocess, so a scheduled run is versioned like a
 manual one: DVC skips the stages whose inputs did not change and records dvc.lock. Each stage process
 nests its MLflow run under this flow's pipeline run (VIM_PARENT_RUN_ID) and reports to the same Prefect
-API. Then flows/publish.py registers the models as the challenger and promotes them if they win.
+API. Then flows/publish.py registers the model as the challenger and promotes it if it wins.
 `flows/deploy.py` puts this flow on a cron schedule.
 """
 
