@@ -289,7 +289,15 @@ def complete(c, url: str, alias: str) -> str | None:
     if registry.EVAL_HASH_TAG not in mv.tags or not any(k.startswith(registry.METRIC_TAG) for k in mv.tags):
         return f"{alias} v{mv.version} lacks its metric tags: {mv.tags}"
     uri = f"models:/{registry.MODEL_NAME}/{mv.version}"
-    root = mlflow.artifacts.download_artifacts(uri, tracking_uri=url, registry_uri=url)
+    # models:/ URIs resolve through the process's registry URI, whatever download_artifacts is given
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(url)
+    mlflow.set_registry_uri(url)
+    try:
+        root = mlflow.artifacts.download_artifacts(uri)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     try:
         load_tokenizer(root + "/artifacts/tokenizer.safetensors")
         load_transformer(root + "/artifacts/transformer.safetensors")
