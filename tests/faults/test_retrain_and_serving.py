@@ -13,7 +13,7 @@
   nothing of them goes to reliability.json).
 
 The module runs its own mlflow and prefect servers, overriding the session fixtures of those names: the
-Prefect one gets killed, and the orch fixture (tests/test_orchestration_pipeline.py) needs an empty
+Prefect one gets killed, and the orch fixture (tests/integration/test_orchestration_pipeline.py) needs an empty
 registry for its tiny repository.
 """
 
@@ -35,9 +35,7 @@ from flows import registry
 from flows.pyfunc_models import MAX_IMAGES_ENV, decode_png
 from tests import servers
 from tests.faults.points import fault_rng
-from tests.mlflow_server import start_mlflow
-from tests.reliability import REPORT, write_run_report
-from tests.test_orchestration_pipeline import (
+from tests.integration.test_orchestration_pipeline import (
     NAMES,
     _client,
     _pipeline_runs,
@@ -45,6 +43,8 @@ from tests.test_orchestration_pipeline import (
     orch,  # noqa: F401  (the fixture, on this module's servers)
     retrain,
 )
+from tests.mlflow_server import start_mlflow
+from tests.reliability import REPORT, write_run_report
 
 pytestmark = pytest.mark.slow
 
@@ -266,7 +266,7 @@ def test_register_bundle_moves_no_alias_when_one_registration_fails(tracking_env
     from mlflow.exceptions import MlflowException
 
     from flows import mlflow_run
-    from tests.test_registry import EVAL, _pipeline
+    from tests.flows.test_registry import EVAL, _pipeline
 
     _, first = _pipeline(names, fid=10.0, acc=0.95)
     c = mlflow_run.client()
