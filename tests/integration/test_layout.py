@@ -26,7 +26,9 @@ def test_each_vim_core_test_folder_names_a_package():
     folders = [p for p in (TESTS / "vim_core").iterdir() if p.is_dir() and p.name != "__pycache__"]
     assert folders
     for folder in folders:
-        assert (REPO / "vim_core" / folder.name / "__init__.py").is_file(), f"no package vim_core.{folder.name}"
+        assert (REPO / "vim_core" / folder.name / "__init__.py").is_file(), (
+            f"no package vim_core.{folder.name}"
+        )
         assert list(folder.glob("test_*.py")), f"{folder} holds no tests"
 
 
