@@ -160,7 +160,7 @@ def gpu_params(work: Path) -> dict:
 
 
 def smoke_params(work: Path) -> dict:
-    """Micro models on the CPU, as tests/test_ddp_trainers.py trains them: a few seconds a launch."""
+    """Micro models on the CPU, as tests/vim_core/train/test_ddp_trainers.py trains them: a few seconds a launch."""
     micro = {"blocks": 1, "heads": 2, "dim": 32, "mlp_dim": 64}
     train = {
         "steps": 4,

@@ -1,6 +1,6 @@
 """Regenerate docs/img/ (see docs/operations.md): the UIs as the browser tests saw them, and the pipeline's plots.
 
-    python scripts/readme_images.py                # run tests/test_ui_browser.py, then take its screenshots
+    python scripts/readme_images.py                # run tests/integration/test_ui_browser.py, then take its screenshots
     python scripts/readme_images.py --from DIR     # take screenshots saved before (VIM_SCREENSHOT_DIR=DIR)
 
 The browser tests need Debian's chromium (apt-get install chromium) and start their own servers on
@@ -40,7 +40,7 @@ PLOTS = {
 
 def take_screenshots(dest: Path) -> None:
     """Run the browser tests with VIM_SCREENSHOT_DIR=dest."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "slow", "tests/test_ui_browser.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "slow", "tests/integration/test_ui_browser.py"]
     env = {**os.environ, "VIM_SCREENSHOT_DIR": str(dest), "PYTHONPATH": str(REPO)}
     if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
         sys.exit("error: the browser tests failed; no pictures were changed")

@@ -10,4 +10,4 @@ PATH="$(pwd)/$BIN:$PATH"
 hadolint docker/Dockerfile
 # The raw file (with ${VAR} references) must already fit the schema; the tests check the interpolated one.
 check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
-python -m pytest -q tests/test_docker_files.py
+python -m pytest -q tests/integration/test_docker_files.py

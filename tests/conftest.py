@@ -159,8 +159,8 @@ def repo_copy(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def stage2(tmp_path_factory) -> Path:
-    """A micro tokenizer trained on real MNIST and its token shards (tests.test_transformer_stage params)."""
-    from tests.test_transformer_stage import stage2_params
+    """A micro tokenizer trained on real MNIST and its token shards (tests.vim_core.transformer.test_transformer_stage params)."""
+    from tests.vim_core.transformer.test_transformer_stage import stage2_params
     from vim_core.config import parse_params
     from vim_core.data.prepare import prepare
     from vim_core.tokenizer.encode_dataset import tokenize_dataset

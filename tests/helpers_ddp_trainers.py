@@ -1,4 +1,4 @@
-"""The real trainers, run directly or under torchrun, for tests/test_ddp_trainers.py.
+"""The real trainers, run directly or under torchrun, for tests/vim_core/train/test_ddp_trainers.py.
 
 Runs train_tokenizer, then train_transformer, from a params JSON file. Every rank writes
 <out>.rank<r>.json (losses its tracker saw, the trainers' metrics, the tracker calls it got) and

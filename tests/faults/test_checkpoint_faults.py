@@ -21,8 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.faults.points import fault_rng
-from tests.test_checkpoint import tmpfs
-from tests.test_trainer_run import TRAINERS, _cli, _params
+from tests.vim_core.train.test_checkpoint import tmpfs
+from tests.vim_core.train.test_trainer_run import TRAINERS, _cli, _params
 from vim_core.errors import VimError
 from vim_core.train.checkpoint import META_FILE, STATE_FILE, list_checkpoints, verify_checkpoint
 

@@ -25,8 +25,8 @@ import yaml
 from tests import servers
 from tests.conftest import git_commit
 from tests.faults.points import fault_rng
+from tests.integration.test_orchestration_pipeline import tiny_repo
 from tests.mlflow_server import start_mlflow
-from tests.test_orchestration_pipeline import tiny_repo
 
 pytestmark = pytest.mark.slow
 

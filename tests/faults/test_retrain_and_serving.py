@@ -17,7 +17,7 @@
   nothing of them goes to reliability.json).
 
 The module runs its own mlflow and prefect servers, overriding the session fixtures of those names: the
-Prefect one gets killed, and the orch fixture (tests/test_orchestration_pipeline.py) needs an empty
+Prefect one gets killed, and the orch fixture (tests/integration/test_orchestration_pipeline.py) needs an empty
 registry for its tiny repository.
 """
 
@@ -39,9 +39,7 @@ from flows import registry
 from flows.pyfunc_models import MAX_IMAGES_ENV, decode_png
 from tests import servers
 from tests.faults.points import fault_rng
-from tests.mlflow_server import start_mlflow
-from tests.reliability import REPORT, write_run_report
-from tests.test_orchestration_pipeline import (
+from tests.integration.test_orchestration_pipeline import (
     NAMES,
     _client,
     _pipeline_runs,
@@ -49,6 +47,8 @@ from tests.test_orchestration_pipeline import (
     orch,  # noqa: F401  (the fixture, on this module's servers)
     retrain,
 )
+from tests.mlflow_server import start_mlflow
+from tests.reliability import REPORT, write_run_report
 
 pytestmark = pytest.mark.slow
 

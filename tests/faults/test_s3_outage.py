@@ -27,7 +27,7 @@ from tests import servers
 from tests.conftest import REPO, copy_repo, git_commit
 from tests.faults.points import fault_rng
 from tests.faults.tcp_proxy import TcpProxy
-from tests.test_data import _png
+from tests.vim_core.data.test_data import _png
 
 pytestmark = pytest.mark.slow
 

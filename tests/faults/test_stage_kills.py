@@ -30,8 +30,8 @@ import yaml
 from tests import servers
 from tests.conftest import git_commit
 from tests.faults.points import fault_rng
-from tests.test_ephemeral_server import _proc_state, _uvicorn_children
-from tests.test_orchestration_pipeline import BIN, tiny_repo
+from tests.flows.test_ephemeral_server import _proc_state, _uvicorn_children
+from tests.integration.test_orchestration_pipeline import BIN, tiny_repo
 from vim_core.errors import VimError
 from vim_core.train.checkpoint import list_checkpoints, verify_checkpoint
 
@@ -54,7 +54,7 @@ LOCK_REFUSALS = ("Unable to acquire lock", "is busy, it is being blocked by")
 def kill_params(raw: dict) -> dict:
     """tiny_params' micro models, trained long enough that kills land mid-training (10 checkpoints).
 
-    No GAN (tiny_params'): it triples the tokenizer's step; tests/test_trainer_run.py resumes through it.
+    No GAN (tiny_params'): it triples the tokenizer's step; tests/vim_core/train/test_trainer_run.py resumes through it.
     """
     for section, stage in (("tokenizer", "train_tokenizer"), ("transformer", "pretrain_transformer")):
         raw[section]["train"].update(steps=STEPS[stage], checkpoint_every=EVERY, log_every=10)
