@@ -5,10 +5,12 @@
     python -m flows.retrain --push                            # and dvc push to the default remote
                                                               # (retried: VIM_PUSH_RETRY_DELAYS=5,15,45)
 
-The pipeline runs as a `dvc repro` (or `dvc exp run`) subprocess, so a scheduled run is versioned like a
-manual one: DVC skips the stages whose inputs did not change and records dvc.lock. Each stage process
-nests its MLflow run under this flow's pipeline run (VIM_PARENT_RUN_ID) and reports to the same Prefect
-API. Then flows/publish.py registers the model as the challenger and promotes it if it wins.
+The pipeline runs as the `pipeline` subflow (flows/pipeline.py): one task per dvc.yaml stage, each a
+`dvc repro --single-item` subprocess, so a scheduled run is versioned like a manual one: DVC skips the
+stages whose inputs did not change and records dvc.lock. A variant (--set) is one `dvc exp run -S ...`
+task instead, as DVC records an experiment per command. Each stage process nests its MLflow run under
+this flow's pipeline run (VIM_PARENT_RUN_ID). Then flows/publish.py registers the model as the
+challenger and promotes it if it wins.
 `flows/deploy.py` puts this flow on a cron schedule.
 """
 
@@ -27,9 +29,9 @@ import httpx
 from prefect import flow, task
 
 from flows import vcs
-from flows.common import failed_on_bad_input
-from flows.ephemeral import start_ephemeral_api
+from flows.flow_cli import failed_on_bad_input
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
+from flows.pipeline import pipeline
 from flows.publish import publish_pipeline
 from flows.retry import transient_retries
 from vim_core.config import load_params
@@ -54,28 +56,8 @@ def _dvc() -> str:
     return str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
 
 
-def _prefect_api_url() -> str | None:
-    """This process's Prefect API: PREFECT_API_URL, or the ephemeral server this flow started.
-
-    Handing it to the stage processes spares each one from starting its own temporary server (~15 s).
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if url:
-        return url
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    return server.api_url if server.running else None
-
-
 def _child_env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    url = _prefect_api_url()
-    if url:
-        env["PREFECT_API_URL"] = url
-    return env
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
@@ -119,15 +101,22 @@ def tracking_ready() -> None:
 
 
 @task
+def exp_run(set_params: list[str]) -> None:
+    """`dvc exp run -S k=v ...`: a variant, recorded as a DVC experiment (its params stay in the workspace)."""
+    cmd = [_dvc(), "exp", "run"]
+    for item in set_params:
+        cmd += ["-S", item]
+    _run(cmd, "dvc exp run")
+
+
 def repro(set_params: list[str]) -> None:
-    """`dvc repro`, or `dvc exp run -S k=v ...` for a variant (its params stay in the workspace)."""
+    """The pipeline subflow, one task per stage; a variant as one `dvc exp run`."""
     if set_params:
-        cmd = [_dvc(), "exp", "run"]
-        for item in set_params:
-            cmd += ["-S", item]
-        _run(cmd, "dvc exp run")
-    else:
-        _run([_dvc(), "repro"], "dvc repro")
+        exp_run(set_params)
+        return
+    state = pipeline(str(REPO), return_state=True)
+    if state.is_failed():
+        raise VimError(state.message or "the pipeline failed")
 
 
 def push_retry_delays() -> list[float]:
@@ -252,11 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        start_ephemeral_api()  # in ephemeral mode: dies with this process; the stage processes share it
-    except VimError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     try:
         state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
     except httpx.HTTPError as err:  # the engine could not record the run's state: the server went away

@@ -36,7 +36,7 @@ import yaml
 from prefect import flow, task
 
 from flows import vcs
-from flows.common import run_flow_cli
+from flows.flow_cli import run_flow_cli
 from flows.study_report import check_replaceable, write_report
 from flows.study_spec import Run, load_study
 from vim_core.errors import VimError
