@@ -9,6 +9,7 @@ task's log. A stage that exits EXIT_TRANSIENT (storage or a server unreachable) 
 failure ends the flow with the stage's one-line error, and the later stages do not run.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -41,7 +42,7 @@ def stage_order(repo: Path = REPO) -> list[str]:
     import networkx as nx
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc_repo:
+    with contextlib.chdir(repo), Repo(".") as dvc_repo:  # names relative to the repo, as `dvc repro` there
         stages = [s for s in dvc_repo.index.stages if s.cmd]
         position = {s.addressing: i for i, s in enumerate(stages)}
         graph = dvc_repo.index.graph.reverse(copy=True)  # DVC's edges point from a stage to its deps
