@@ -65,7 +65,8 @@ def toy(tmp_path) -> Path:
     return repo
 
 
-def run_pipeline(repo: Path, prefect_server: str, home: Path) -> subprocess.CompletedProcess:
+def run_pipeline(repo: Path, prefect_server: str, home: Path, **extra: str) -> subprocess.CompletedProcess:
+    """`python -m flows.pipeline --repo REPO` against the server; `extra`: VIM_<KEY> variables."""
     home.mkdir(exist_ok=True)
     env = {
         **os.environ,
@@ -73,6 +74,8 @@ def run_pipeline(repo: Path, prefect_server: str, home: Path) -> subprocess.Comp
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO),
         "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+        **{f"VIM_{k.upper()}": v for k, v in extra.items()},
     }
     cmd = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
