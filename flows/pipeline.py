@@ -51,15 +51,20 @@ def stage_order(repo: Path = REPO) -> list[str]:
         return [s.addressing for s in ordered]
 
 
-def _stream(cmd: list[str], repo: Path, logger) -> tuple[int, list[str]]:
-    """Run cmd in repo, each output line (redacted) into `logger` as it comes; its exit code and last lines."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+def child_env() -> dict[str, str]:
+    """This environment with its tools first on PATH, and no DVC analytics."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+
+
+def stream(cmd: list[str], repo: Path, logger, env: dict | None = None) -> tuple[int, list[str]]:
+    """Run cmd in repo (`env` added to child_env()), each output line, redacted, into `logger` as it comes;
+    its exit code and last lines."""
     tail: deque[str] = deque(maxlen=200)
     logger.info("$ %s", " ".join(cmd))
     with subprocess.Popen(
         cmd,
         cwd=repo,
-        env=env,
+        env={**child_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -89,7 +94,7 @@ def repro(stage: str, repo: Path = REPO) -> str:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
-    code, lines = _stream([dvc(), "repro", "--single-item", stage], repo, logger)
+    code, lines = stream([dvc(), "repro", "--single-item", stage], repo, logger)
     if code != 0:
         raise failure(stage, code, lines)
     if any(f"'{stage}' {skip}" in line for line in lines for skip in UP_TO_DATE):

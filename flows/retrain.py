@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import httpx
@@ -31,7 +29,7 @@ from prefect import flow, task
 from flows import vcs
 from flows.flow_cli import failed_on_bad_input
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
-from flows.pipeline import pipeline
+from flows.pipeline import child_env, dvc, pipeline, stream
 from flows.publish import publish_pipeline
 from flows.retry import transient_retries
 from vim_core.config import load_params
@@ -41,7 +39,6 @@ from vim_core.errors import TransientError, VimError
 log = logging.getLogger("vim.retrain")
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # dvc push errors that no retry fixes; anything else (timeouts, refused connections, 5xx) is retried.
 # A whole word: a bare "403" also matched endpoint ports (:40373) and object hashes in the message.
 _NOT_TRANSIENT = re.compile(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|\b403\b")
@@ -52,15 +49,7 @@ _published: dict[str, str] = {}
 _lost_api: list[str] = []  # set by main(): the Prefect API went away during the run
 
 
-def _dvc() -> str:
-    return str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
-
-
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-
-
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
     """Run a command in the repo, its output line by line into the flow's log; VimError on failure.
 
     `env` adds to (or overrides) the child environment.
@@ -72,26 +61,11 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
         logger = get_run_logger()
     except MissingContextError:  # called outside a flow run
         logger = log
-    logger.info("$ %s", " ".join(cmd))
-    tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**_child_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info(line)
-    if proc.returncode != 0:
+    code, tail = stream(cmd, REPO, logger, env)
+    if code != 0:
         errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
         cause = errors[-1] if errors else (tail[-1] if tail else "no output")
-        raise VimError(f"{what} failed (exit {proc.returncode}): {cause}")
-    return "\n".join(tail)
+        raise VimError(f"{what} failed (exit {code}): {cause}")
 
 
 @task(**transient_retries())
@@ -103,7 +77,7 @@ def tracking_ready() -> None:
 @task
 def exp_run(set_params: list[str]) -> None:
     """`dvc exp run -S k=v ...`: a variant, recorded as a DVC experiment (its params stay in the workspace)."""
-    cmd = [_dvc(), "exp", "run"]
+    cmd = [dvc(), "exp", "run"]
     for item in set_params:
         cmd += ["-S", item]
     _run(cmd, "dvc exp run")
@@ -139,7 +113,7 @@ def push_retry_delays() -> list[float]:
 
 def _dvc_config() -> dict[str, str]:
     """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
-    out = vcs.dvc("config", "--list", cwd=REPO, env=_child_env())
+    out = vcs.dvc("config", "--list", cwd=REPO, env=child_env())
     pairs = (line.partition("=") for line in out.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, _, value in pairs}
 
@@ -160,7 +134,7 @@ def push() -> None:
     where = f"dvc push to {config.get(f'remote.{name}.url', name)} at {endpoint}"
     try:
         # botocore's own retries inside one push bounded as for prepare_data; this task retries on top.
-        _run([_dvc(), "push"], where, env=s3_retry_env())
+        _run([dvc(), "push"], where, env=s3_retry_env())
     except VimError as err:
         if _NOT_TRANSIENT.search(str(err)):
             raise
