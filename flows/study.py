@@ -112,9 +112,9 @@ def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
 
 
 def _env(extra: dict | None = None) -> dict[str, str]:
-    from flows.retrain import _child_env
+    from flows.pipeline import child_env
 
-    return {**_child_env(), **(extra or {})}
+    return {**child_env(), **(extra or {})}
 
 
 def _pidfile(cwd: Path, study: str) -> Path:
