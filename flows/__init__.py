@@ -1,4 +1,4 @@
-"""Prefect 3 flows: thin wrappers that run vim_core steps with retries, logs and tracking."""
+"""The stage entry points (plain Python, run by DVC) and the Prefect flows above them; env defaults for Prefect."""
 
 import os
 import tempfile

@@ -1,14 +1,19 @@
-"""What every stage shares: its declaration as a Prefect flow (stage_flow), tracking, and one-line errors."""
+"""What every stage shares: its plain CLI (run_stage), tracking, and one-line errors.
 
+A stage process is plain Python run by DVC: it imports no Prefect and starts no server. Prefect sits above
+DVC (flows/pipeline.py), never inside a stage.
+"""
+
+import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from flows.dvc_locks import sweep_if_under_dvc
-from flows.ephemeral import start_ephemeral_api
 from flows.stages import Stage, declared
 from vim_core.config import Params, load_params
 from vim_core.errors import ConfigError, TransientError, VimError
@@ -17,20 +22,7 @@ from vim_core.redact import redact_text
 
 log = logging.getLogger("vim")
 
-
-def retry_transient(task, task_run, state) -> bool:
-    """Retry only failures that may pass (storage or server unreachable), never bad input."""
-    try:
-        state.result()
-    except TransientError:
-        return True
-    except VimError:
-        return False
-    except (ConnectionError, TimeoutError, OSError):
-        return True
-    except Exception:
-        return False
-    return False
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): the orchestrator retries a stage that exits with it
 
 
 def stage_params(params, stage: str, dvc_yaml: str | Path | None = None) -> dict:
@@ -64,67 +56,38 @@ def tracked_stage(stage: str, params) -> Iterator:
         log_stage_outputs(tracker, stage)
 
 
-def stage_flow(name: str, body: Callable[[Params, Stage, str | None], dict]):
-    """A DVC stage as a Prefect flow named after it, whose work is `body(params, stage, run_id)`, a task.
-
-    The flow loads the params, opens the stage's tracked MLflow run, calls the body with the params, the
-    stage as dvc.yaml declares it and the run id (None with tracking off), and writes what the body returns
-    as the metrics JSON dvc.yaml declares, atomically: a failed stage leaves the old file. The body's
-    docstring describes the flow. A VimError ends the flow Failed with its one-line cause.
-    """
-    from prefect import flow
-
-    def stage_body(params_path: str = "params.yaml"):
-        return failed_on_bad_input(_run_stage_body, name, body, params_path)
-
-    stage_body.__doc__ = body.__doc__
-    return flow(name=name)(stage_body)
-
-
-def _run_stage_body(name: str, body: Callable, params_path: str) -> dict:
+def run_body(name: str, body: Callable[[Params, Stage, str | None], dict], params_path: str) -> dict:
+    """Stage `name`'s work: load the params, open its tracked run, call `body(params, stage, run_id)` and
+    write what it returns as the metrics JSON dvc.yaml declares, atomically: a failed stage leaves the old
+    file. A dvc.yaml without one metrics file fails before any work."""
     params = load_params(params_path)
     stage = declared(name)
-    metrics_file = stage.metrics_file  # a dvc.yaml without one fails here, before any work
+    metrics_file = stage.metrics_file
     with tracked_stage(name, params) as tracker:
         metrics = body(params, stage, tracker.run_id)
         atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
 
-def failed_on_bad_input(fn: Callable[..., object], *args, **kwargs):
-    """Call a flow body; turn a VimError into a Failed state with its one-line cause, not a traceback."""
-    from prefect.states import Failed
-
-    try:
-        return fn(*args, **kwargs)
-    except VimError as err:
-        kind = "transient" if isinstance(err, TransientError) else "input"
-        return Failed(message=str(err), data={"error": str(err), "kind": kind})
-
-
 def run_stage(
-    flow: Callable[..., object],
+    name: str,
+    body: Callable[[Params, Stage, str | None], dict],
     argv: list[str] | None = None,
     worker_node: Callable[[Params], object] | None = None,
 ) -> int:
-    """Run a stage flow as a CLI: exit 0, or print one line per problem and exit non-zero.
+    """Stage `name` as a CLI (`python -m flows.NAME`): exit 0, or print one line per problem and exit 2
+    (bad params), EXIT_TRANSIENT (worth a retry) or 1 (any other VimError).
 
     On a machine other than node 0 of a multi-machine run (PET_NODE_RANK > 0), a training stage runs
-    `worker_node(params)` instead: its ranks, with no flow, no tracking and no outputs of its own.
+    `worker_node(params)` instead: its ranks, with no tracking and no outputs of its own.
     """
-    import argparse
-    import os
-
-    parser = argparse.ArgumentParser(description=flow.__doc__)
+    parser = argparse.ArgumentParser(description=body.__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     if worker_node is not None and os.environ.get("PET_NODE_RANK", "0") not in ("", "0"):
-        return run_flow_cli(lambda: None, lambda: worker_node(load_params(args.params)), flow_state=False)
+        return cli(lambda: worker_node(load_params(args.params)))
     sweep_if_under_dvc()  # what an earlier, killed `dvc repro` left in DVC's lock file
-    return run_flow_cli(
-        lambda: load_params(args.params),  # fail before Prefect starts, in one line per problem
-        lambda: flow(params_path=args.params, return_state=True),
-    )
+    return cli(lambda: run_body(name, body, args.params))
 
 
 def redact_logs() -> None:
@@ -149,27 +112,30 @@ def redact_logs() -> None:
     logging.setLogRecordFactory(make)
 
 
-def run_flow_cli(validate: Callable[[], object], run: Callable[[], object], flow_state: bool = True) -> int:
-    """validate(), then run() a flow for its final state: exit 0, or one line per problem and exit 2 for
-    bad input files (ConfigError) or 1 for any other VimError, including a failed flow run. With
-    flow_state=False, run() is plain work, not a flow: no Prefect API is started and nothing is returned."""
+def setup_logging() -> None:
+    """INFO to stderr, progress lines (vim_core.progress) included, every record redacted."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Prefect's logging set-up resets the root logger to WARNING when the flow starts; progress lines
-    # (vim_core.progress) set their own level so that they still reach stderr.
+    # Prefect's logging set-up resets the root logger to WARNING when a flow starts; progress lines set
+    # their own level so that they still reach stderr.
     logging.getLogger("vim.progress").setLevel(logging.INFO)
     redact_logs()
+
+
+def cli(work: Callable[[], object]) -> int:
+    """work() with logging set up: exit 0, or one `error:` line per problem and the exit code for its kind."""
+    setup_logging()
     try:
-        validate()
-        if not flow_state:
-            run()
-            return 0
-        start_ephemeral_api()  # in ephemeral mode: a server that dies with this process, even on SIGKILL
-        state = run()
-        if state.is_failed():
-            raise VimError(state.message or "the flow failed")
+        work()
     except VimError as err:
-        bad_params = isinstance(err, ConfigError)
-        for line in err.lines if bad_params else [str(err)]:
-            print(f"error: {line}", file=sys.stderr)
-        return 2 if bad_params else 1
+        return report(err)
     return 0
+
+
+def report(err: VimError) -> int:
+    """Print a VimError as `error:` lines; its exit code: 2 bad params, EXIT_TRANSIENT, else 1."""
+    bad_params = isinstance(err, ConfigError)
+    for line in err.lines if bad_params else [str(err)]:
+        print(f"error: {line}", file=sys.stderr)
+    if bad_params:
+        return 2
+    return EXIT_TRANSIENT if isinstance(err, TransientError) else 1

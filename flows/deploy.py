@@ -99,10 +99,7 @@ def serve(args: argparse.Namespace) -> None:
     """Register the deployment and run its scheduled (and manually triggered) runs from this process."""
     from prefect.deployments.runner import EntrypointType
 
-    from flows.ephemeral import start_ephemeral_api
-
     schedules = [schedule(args.cron, args.timezone)]
-    start_ephemeral_api()  # with no PREFECT_API_URL: a temporary server that dies with this process
     os.chdir(REPO)  # the runner starts each flow run here, so it imports this checkout's flows
     retrain.serve(
         name=args.name,

@@ -2,26 +2,21 @@
 
 import sys
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
+from flows.common import run_stage
 from flows.outbox import set_run_tags
 from flows.stages import Stage
 from vim_core.config import Params
 
 
-@task
 def score(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Score the tokenizer and the Transformer."""
     from vim_core.eval.report import evaluate
 
     metrics = evaluate(params, plots_dir=stage.plots_dir)
-    # the hash that decides which registry versions compare (flows/registry.py)
+    # the hash that decides which registry versions compare (flows.registry)
     set_run_tags(run_id, {"vim.eval_config_hash": metrics["eval_config_hash"]})
     return metrics
 
 
-evaluate_flow = stage_flow("evaluate", score)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(evaluate_flow))
+    sys.exit(run_stage("evaluate", score))

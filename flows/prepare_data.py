@@ -2,23 +2,17 @@
 
 import sys
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
-from flows.retry import transient_retries
+from flows.common import run_stage
 from flows.stages import Stage
 from vim_core.config import Params
 from vim_core.data.prepare import prepare
 
 
-@task(**transient_retries())
 def write_dataset(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Stream the configured source into a sharded, split dataset."""
     report = prepare(params.data, progress=sys.stderr.isatty())
     return {"counts": report.counts, "skipped": report.skipped, "version": report.manifest["version"]}
 
 
-prepare_data = stage_flow("prepare_data", write_dataset)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(prepare_data))
+    sys.exit(run_stage("prepare_data", write_dataset))

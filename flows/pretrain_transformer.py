@@ -2,15 +2,12 @@
 
 import sys
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
+from flows.common import run_stage
 from flows.ranks import run_ranks, transformer_rank, worker_node
 from flows.stages import Stage, declared
 from vim_core.config import Params
 
 
-@task
 def train(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Pretrain the Transformer on the token shards (on every rank, with train.processes > 1)."""
     return run_ranks(transformer_rank, params, params.transformer.train.processes, stage.plots_dir, run_id)
@@ -22,7 +19,5 @@ def worker(params: Params) -> None:
     worker_node(transformer_rank, params.transformer.train.processes, params, stage.plots_dir)
 
 
-pretrain_transformer_flow = stage_flow("pretrain_transformer", train)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(pretrain_transformer_flow, worker_node=worker))
+    sys.exit(run_stage("pretrain_transformer", train, worker_node=worker))

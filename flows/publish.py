@@ -13,6 +13,7 @@ challenger's comparison with the champion it faced (flows/compare.py: metrics ta
 is then logged on its run and linked from its version.
 """
 
+import argparse
 import json
 import logging
 import shutil
@@ -27,8 +28,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows import vcs
-from flows.common import failed_on_bad_input, run_stage
 from flows.compare import attach_to_version
+from flows.flow_cli import failed_on_bad_input, run_flow_cli
 from flows.mlflow_run import check_reachable, enabled
 from flows.registry import compare_and_promote, register_challenger
 from flows.retry import transient_retries
@@ -319,5 +320,14 @@ def _publish(params_path: str) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=publish.__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    return run_flow_cli(  # bad params fail before Prefect starts, one line per problem
+        lambda: load_params(args.params), lambda: publish(params_path=args.params, return_state=True)
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage(publish))
+    sys.exit(main())

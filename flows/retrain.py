@@ -5,10 +5,12 @@
     python -m flows.retrain --push                            # and dvc push to the default remote
                                                               # (retried: VIM_PUSH_RETRY_DELAYS=5,15,45)
 
-The pipeline runs as a `dvc repro` (or `dvc exp run`) subprocess, so a scheduled run is versioned like a
-manual one: DVC skips the stages whose inputs did not change and records dvc.lock. Each stage process
-nests its MLflow run under this flow's pipeline run (VIM_PARENT_RUN_ID) and reports to the same Prefect
-API. Then flows/publish.py registers the model as the challenger and promotes it if it wins.
+The pipeline runs as the `pipeline` subflow (flows/pipeline.py): one task per dvc.yaml stage, each a
+`dvc repro --single-item` subprocess, so a scheduled run is versioned like a manual one: DVC skips the
+stages whose inputs did not change and records dvc.lock. A variant (--set) is one `dvc exp run -S ...`
+task instead, as DVC records an experiment per command. Each stage process nests its MLflow run under
+this flow's pipeline run (VIM_PARENT_RUN_ID). Then flows/publish.py registers the model as the
+challenger and promotes it if it wins.
 `flows/deploy.py` puts this flow on a cron schedule.
 """
 
@@ -18,18 +20,16 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import httpx
 from prefect import flow, task
 
 from flows import vcs
-from flows.common import failed_on_bad_input
-from flows.ephemeral import start_ephemeral_api
+from flows.flow_cli import failed_on_bad_input
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
+from flows.pipeline import child_env, dvc, pipeline, stream
 from flows.publish import publish_pipeline
 from flows.retry import transient_retries
 from vim_core.config import load_params
@@ -39,7 +39,6 @@ from vim_core.errors import TransientError, VimError
 log = logging.getLogger("vim.retrain")
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # dvc push errors that no retry fixes; anything else (timeouts, refused connections, 5xx) is retried.
 # A whole word: a bare "403" also matched endpoint ports (:40373) and object hashes in the message.
 _NOT_TRANSIENT = re.compile(r"AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket|\b403\b")
@@ -50,35 +49,7 @@ _published: dict[str, str] = {}
 _lost_api: list[str] = []  # set by main(): the Prefect API went away during the run
 
 
-def _dvc() -> str:
-    return str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
-
-
-def _prefect_api_url() -> str | None:
-    """This process's Prefect API: PREFECT_API_URL, or the ephemeral server this flow started.
-
-    Handing it to the stage processes spares each one from starting its own temporary server (~15 s).
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if url:
-        return url
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    return server.api_url if server.running else None
-
-
-def _child_env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    url = _prefect_api_url()
-    if url:
-        env["PREFECT_API_URL"] = url
-    return env
-
-
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
     """Run a command in the repo, its output line by line into the flow's log; VimError on failure.
 
     `env` adds to (or overrides) the child environment.
@@ -90,26 +61,11 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
         logger = get_run_logger()
     except MissingContextError:  # called outside a flow run
         logger = log
-    logger.info("$ %s", " ".join(cmd))
-    tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env={**_child_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info(line)
-    if proc.returncode != 0:
+    code, tail = stream(cmd, REPO, logger, env)
+    if code != 0:
         errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
         cause = errors[-1] if errors else (tail[-1] if tail else "no output")
-        raise VimError(f"{what} failed (exit {proc.returncode}): {cause}")
-    return "\n".join(tail)
+        raise VimError(f"{what} failed (exit {code}): {cause}")
 
 
 @task(**transient_retries())
@@ -119,15 +75,22 @@ def tracking_ready() -> None:
 
 
 @task
+def exp_run(set_params: list[str]) -> None:
+    """`dvc exp run -S k=v ...`: a variant, recorded as a DVC experiment (its params stay in the workspace)."""
+    cmd = [dvc(), "exp", "run"]
+    for item in set_params:
+        cmd += ["-S", item]
+    _run(cmd, "dvc exp run")
+
+
 def repro(set_params: list[str]) -> None:
-    """`dvc repro`, or `dvc exp run -S k=v ...` for a variant (its params stay in the workspace)."""
+    """The pipeline subflow, one task per stage; a variant as one `dvc exp run`."""
     if set_params:
-        cmd = [_dvc(), "exp", "run"]
-        for item in set_params:
-            cmd += ["-S", item]
-        _run(cmd, "dvc exp run")
-    else:
-        _run([_dvc(), "repro"], "dvc repro")
+        exp_run(set_params)
+        return
+    state = pipeline(str(REPO), return_state=True)
+    if state.is_failed():
+        raise VimError(state.message or "the pipeline failed")
 
 
 def push_retry_delays() -> list[float]:
@@ -150,7 +113,7 @@ def push_retry_delays() -> list[float]:
 
 def _dvc_config() -> dict[str, str]:
     """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
-    out = vcs.dvc("config", "--list", cwd=REPO, env=_child_env())
+    out = vcs.dvc("config", "--list", cwd=REPO, env=child_env())
     pairs = (line.partition("=") for line in out.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, _, value in pairs}
 
@@ -171,7 +134,7 @@ def push() -> None:
     where = f"dvc push to {config.get(f'remote.{name}.url', name)} at {endpoint}"
     try:
         # botocore's own retries inside one push bounded as for prepare_data; this task retries on top.
-        _run([_dvc(), "push"], where, env=s3_retry_env())
+        _run([dvc(), "push"], where, env=s3_retry_env())
     except VimError as err:
         if _NOT_TRANSIENT.search(str(err)):
             raise
@@ -252,11 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        start_ephemeral_api()  # in ephemeral mode: dies with this process; the stage processes share it
-    except VimError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     try:
         state = retrain(set_params=args.set_params, push_outputs=args.push, return_state=True)
     except httpx.HTTPError as err:  # the engine could not record the run's state: the server went away

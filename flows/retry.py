@@ -6,9 +6,24 @@ retry_jitter_factor spreads them, so processes that failed together do not all c
 
 from prefect.tasks import exponential_backoff
 
-from flows.common import retry_transient
+from vim_core.errors import TransientError, VimError
 
 JITTER = 0.2  # each wait drawn within +-20% of its nominal value
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only failures that may pass (storage or server unreachable), never bad input."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except VimError:
+        return False
+    except (ConnectionError, TimeoutError, OSError):
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def transient_retries(retries: int = 3, first_delay: float = 2.0, delays: list[float] | None = None) -> dict:

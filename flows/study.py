@@ -36,7 +36,7 @@ import yaml
 from prefect import flow, task
 
 from flows import vcs
-from flows.common import run_flow_cli
+from flows.flow_cli import run_flow_cli
 from flows.study_report import check_replaceable, write_report
 from flows.study_spec import Run, load_study
 from vim_core.errors import VimError
@@ -112,9 +112,9 @@ def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
 
 
 def _env(extra: dict | None = None) -> dict[str, str]:
-    from flows.retrain import _child_env
+    from flows.pipeline import child_env
 
-    return {**_child_env(), **(extra or {})}
+    return {**child_env(), **(extra or {})}
 
 
 def _pidfile(cwd: Path, study: str) -> Path:

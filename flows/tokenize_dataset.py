@@ -3,14 +3,11 @@
 import sys
 from pathlib import Path
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
+from flows.common import run_stage
 from flows.stages import Stage
 from vim_core.config import Params
 
 
-@task
 def encode(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Encode the prepared dataset into token shards."""
     from vim_core.tokenizer.encode_dataset import tokenize_dataset
@@ -27,7 +24,5 @@ def encode(params: Params, stage: Stage, run_id: str | None) -> dict:
     }
 
 
-tokenize_dataset_flow = stage_flow("tokenize_dataset", encode)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(tokenize_dataset_flow))
+    sys.exit(run_stage("tokenize_dataset", encode))

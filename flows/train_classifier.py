@@ -2,14 +2,11 @@
 
 import sys
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
+from flows.common import run_stage
 from flows.stages import Stage
 from vim_core.config import Params
 
 
-@task
 def fit(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Train both classifiers on the train split, the weight decay picked on val."""
     from vim_core.eval.classifier_stage import fit_classifiers
@@ -17,7 +14,5 @@ def fit(params: Params, stage: Stage, run_id: str | None) -> dict:
     return fit_classifiers(params.evaluate.classifier, params.data.out_dir, params.evaluate.classifier_dir)
 
 
-train_classifier_flow = stage_flow("train_classifier", fit)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(train_classifier_flow))
+    sys.exit(run_stage("train_classifier", fit))

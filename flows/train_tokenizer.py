@@ -2,15 +2,12 @@
 
 import sys
 
-from prefect import task
-
-from flows.common import run_stage, stage_flow
+from flows.common import run_stage
 from flows.ranks import run_ranks, tokenizer_rank, worker_node
 from flows.stages import Stage, declared
 from vim_core.config import Params
 
 
-@task
 def train(params: Params, stage: Stage, run_id: str | None) -> dict:
     """Train the tokenizer (on every rank, with train.processes > 1), then score its reconstructions."""
     return run_ranks(tokenizer_rank, params, params.tokenizer.train.processes, stage.plots_dir, run_id)
@@ -23,7 +20,5 @@ def worker(params: Params) -> None:
     )
 
 
-train_tokenizer_flow = stage_flow("train_tokenizer", train)
-
 if __name__ == "__main__":
-    sys.exit(run_stage(train_tokenizer_flow, worker_node=worker))
+    sys.exit(run_stage("train_tokenizer", train, worker_node=worker))

@@ -8,7 +8,7 @@ import sys
 
 from prefect import flow
 
-from flows.common import failed_on_bad_input, run_flow_cli
+from flows.flow_cli import failed_on_bad_input, run_flow_cli
 from flows.retrain import push_with_retries
 
 

@@ -1,7 +1,7 @@
 """A preempted or OOM-killed machine, and two `dvc repro` at once, on the real micro-params pipeline.
 
-SIGKILL lands on the whole process group of a `dvc repro <stage>` (dvc, the stage process under it and,
-in ephemeral mode, Prefect's temporary API server), 5 times per training stage, each after a random
+SIGKILL lands on the whole process group of a `dvc repro <stage>` (dvc and the stage process under it,
+plain Python: no Prefect process may appear in the group), 5 times per training stage, each after a random
 number of checkpoints plus a random part of the next checkpoint interval. Each next `dvc repro` must
 resume from a later checkpoint, and the run that finally completes must export the very bytes an
 uninterrupted `dvc repro` exported in a second copy of the repository, leaving no process, DVC lock entry
@@ -27,10 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import servers
 from tests.conftest import git_commit
 from tests.faults.points import fault_rng
-from tests.flows.test_ephemeral_server import _proc_state, _uvicorn_children
 from tests.integration.test_orchestration_pipeline import BIN, tiny_repo
 from vim_core.errors import VimError
 from vim_core.train.checkpoint import list_checkpoints, verify_checkpoint
@@ -82,34 +80,22 @@ class Lab:
     root: Path
     base: Path
     repos: dict[str, Path]  # stage -> a copy of base with that stage's inputs made and it not run yet
-    env: dict[str, str]  # stage commands against the session's Prefect server
-    ephemeral_env: dict[str, dict]  # stage -> no PREFECT_API_URL: each stage process starts a server
+    env: dict[str, str]  # the stage commands' environment: tracking off, no Prefect
     refusals: list[Refusal]
 
 
-def _envs(root: Path, api_url: str) -> tuple[dict, dict[str, dict]]:
-    common = {
+def _env() -> dict:
+    env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "VIM_TRACKING": "off",
         "DVC_NO_ANALYTICS": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        "PREFECT_LOGGING_ROOT_LEVEL": "INFO",  # vim_core's "resumed from ... (step N)" reaches the log
     }
     for key in ("PREFECT_API_URL", "VIM_PARENT_RUN_ID", "MLFLOW_TRACKING_URI"):
-        common.pop(key, None)
-    (root / "prefect-client").mkdir()
-    env = {**common, **servers.prefect_env(root / "prefect-client", api_url=api_url)}
-    ephemeral = {  # a database per stage, as the two kill chains run at once
-        stage: {
-            **common,
-            **servers.prefect_env(root / f"prefect-{stage}"),
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
-        }
-        for stage in STEPS
-    }
-    return env, ephemeral
+        env.pop(key, None)
+    return env
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:
@@ -152,7 +138,7 @@ def _repro_with_a_second(repo: Path, env: dict, stage: str, delay: float, log: P
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, prefect_server) -> Lab:
+def lab(tmp_path_factory) -> Lab:
     """The reference runs, each also fault (2): a second `dvc repro` starts a random moment into it."""
     rng = fault_rng("two_dvc_repro_at_once")
     root = tmp_path_factory.mktemp("stage-kills")
@@ -160,7 +146,7 @@ def lab(tmp_path_factory, prefect_server) -> Lab:
     params = base / "params.yaml"
     params.write_text(yaml.safe_dump(kill_params(yaml.safe_load(params.read_text())), sort_keys=False))
     git_commit(base, "kill params")
-    env, ephemeral = _envs(root, f"{prefect_server}/api")
+    env = _env()
     repos, refusals = {}, []
     dvc(base, env, "repro", "train_classifier")  # with prepare_data: what the second repro would run first
     repos["train_tokenizer"] = shutil.copytree(base, root / "tok", symlinks=True)
@@ -170,7 +156,7 @@ def lab(tmp_path_factory, prefect_server) -> Lab:
     repos["pretrain_transformer"] = shutil.copytree(base, root / "vim", symlinks=True)
     stage = "pretrain_transformer"
     refusals.append(_repro_with_a_second(base, env, stage, rng.uniform(0.1, 1.5), root / f"{stage}.log"))
-    return Lab(root, base, repos, env, ephemeral, refusals)
+    return Lab(root, base, repos, env, refusals)
 
 
 # ---- what a run leaves
@@ -219,6 +205,27 @@ def _stage_pid(pgid: int, stage: str) -> int | None:
     return None
 
 
+def _proc_state(pid: int) -> str | None:
+    """The /proc state letter of pid (R, S, Z, ...), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _prefect_members(pgid: int) -> list[str]:
+    """Command lines in the group that run Prefect (a server, a client): a stage must start none."""
+    found = []
+    for pid in _group(pgid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            continue
+        if "prefect" in cmd or "uvicorn" in cmd:
+            found.append(cmd)
+    return found
+
+
 def _temp_files(repo: Path) -> list[str]:
     """Temp files and dirs: checkpoint saves (.tmp-step-*, .old-step-*), atomic writes, DVC's own (*.tmp)."""
     found = []
@@ -241,7 +248,7 @@ def _start(repo: Path, env: dict, args: list[str], log: Path) -> subprocess.Pope
     with open(log, "wb") as f:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [str(BIN / "dvc"), *args], cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: dvc, the stage and its server
+            start_new_session=True,  # its own process group: dvc and the stage
         )  # fmt: skip
 
 
@@ -259,17 +266,17 @@ class Kill:
     at_checkpoint: int  # the newest checkpoint when the kill landed
     resumed_from: int  # where the run that was killed had resumed
     left_running: list[int]
-    server_left: bool | None  # None: no ephemeral server in this run
+    prefect: list[str]  # Prefect processes seen in the group while it ran
     broken: list[str]
 
 
-def _kill_once(lab: Lab, stage: str, k: int, target: int, delay: float, ephemeral: bool) -> Kill:
+def _kill_once(lab: Lab, stage: str, k: int, target: int, delay: float) -> Kill:
     """`dvc repro STAGE` until checkpoint `target` exists plus `delay` of the next interval, then SIGKILL."""
     repo = lab.repos[stage]
     log = lab.root / f"{stage}-{k}.log"
     started = time.monotonic()
-    proc = _start(repo, lab.ephemeral_env[stage] if ephemeral else lab.env, ["repro", "-s", stage], log)
-    server = None
+    proc = _start(repo, lab.env, ["repro", "-s", stage], log)
+    prefect: set[str] = set()
     try:
         deadline = time.monotonic() + RUN_S
         seen: dict[int, float] = dict.fromkeys(_checkpoints(repo, stage), 0.0)  # not this run's: untimed
@@ -278,8 +285,7 @@ def _kill_once(lab: Lab, stage: str, k: int, target: int, delay: float, ephemera
             now = time.monotonic()
             for step in _checkpoints(repo, stage):
                 seen.setdefault(step, now)
-            if ephemeral and server is None and (pid := _stage_pid(proc.pid, stage)):
-                server = next((p for p, _ in _uvicorn_children(pid)), None)
+            prefect.update(_prefect_members(proc.pid))
             if max(seen, default=0) >= target * EVERY:
                 break
             time.sleep(0.02)
@@ -297,17 +303,13 @@ def _kill_once(lab: Lab, stage: str, k: int, target: int, delay: float, ephemera
         while time.monotonic() < gone_by and any(_proc_state(p) not in (None, "Z") for p in members):
             time.sleep(0.1)
         left = [p for p in members if _proc_state(p) not in (None, "Z")]
-        if ephemeral:
-            assert server is not None, f"run {k}: no ephemeral Prefect server seen under the stage"
-        server_left = None if server is None else _proc_state(server) not in (None, "Z")
         resumed = [int(m) for m in RESUMED.findall(log.read_text())]
         print(f"run {k} of {stage} killed after {time.monotonic() - started:.1f} s")
-        return Kill(at, resumed[-1] if resumed else 0, left, server_left, _broken_checkpoints(repo, stage))
+        return Kill(
+            at, resumed[-1] if resumed else 0, left, sorted(prefect), _broken_checkpoints(repo, stage)
+        )
     finally:
         _killpg(proc)
-        if server is not None:
-            with contextlib.suppress(ProcessLookupError):  # never leak a server from the test either
-                os.kill(server, signal.SIGKILL)
 
 
 def _kill_chain(lab: Lab, stage: str) -> tuple[list[Kill], str]:
@@ -316,12 +318,11 @@ def _kill_chain(lab: Lab, stage: str) -> tuple[list[Kill], str]:
     rng = fault_rng(f"sigkill_{stage}")
     n = STEPS[stage] // EVERY
     targets = sorted(rng.sample(range(1, n - 1), KILLS))  # checkpoints 1..n-2: room left to kill in
-    ephemeral_at = rng.randrange(KILLS)
-    print(f"{stage}: kill after checkpoints {targets}, ephemeral server on kill {ephemeral_at}")
+    print(f"{stage}: kill after checkpoints {targets}")
     kills = []
     for k, target in enumerate(targets):
         newest = max(_checkpoints(lab.repos[stage], stage), default=0) // EVERY
-        kill = _kill_once(lab, stage, k, max(target, newest + 1), rng.uniform(0.0, 0.9), k == ephemeral_at)
+        kill = _kill_once(lab, stage, k, max(target, newest + 1), rng.uniform(0.0, 0.9))
         print(f"{stage} kill {k}: resumed from {kill.resumed_from}, killed after {kill.at_checkpoint}")
         kills.append(kill)
     return kills, dvc(lab.repos[stage], lab.env, "repro", "-s", stage)
@@ -337,7 +338,7 @@ def _verdict(lab: Lab, stage: str, kills: list[Kill], final_log: str, record_fau
     lost += sum(bool(k.broken) for k in kills)
     same = (repo / WEIGHTS[stage]).read_bytes() == (lab.base / WEIGHTS[stage]).read_bytes()
     survived = sum(
-        r >= k.at_checkpoint > k.resumed_from and not k.left_running and not k.server_left and not k.broken
+        r >= k.at_checkpoint > k.resumed_from and not k.left_running and not k.prefect and not k.broken
         for r, k in zip(resumes, kills, strict=True)
     )
     leftovers = _temp_files(repo)
@@ -352,10 +353,7 @@ def _verdict(lab: Lab, stage: str, kills: list[Kill], final_log: str, record_fau
             b > a for a, b in zip([0, *resumes], resumes, strict=False)
         ),
         "processes outlived the SIGKILL": not any(k.left_running for k in kills),
-        "the ephemeral Prefect server outlived the SIGKILL": [
-            k.server_left for k in kills if k.server_left is not None
-        ]
-        == [False],
+        "a Prefect process ran under a stage": not any(k.prefect for k in kills),
         "a checkpoint was left broken": not any(k.broken for k in kills),
         "resumed weights differ from the uninterrupted run's": same,
         # the curves too: each step once, the same values

@@ -5,8 +5,8 @@ then data, tokenizer, transformer, train, eval, cli, one package to a layer abov
 import its own package or any package below it, so the packages form a chain with no cycle between
 them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
 Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
-dependency, only later. flows (the Prefect tasks and stage entry points) is the layer above all of
-vim_core: vim_core never imports it, and its own modules never loop either (the old mlflow_run <-> outbox
+dependency, only later. flows (the stage entry points and the Prefect flows above them) is the layer above
+all of vim_core, and a stage entry point reaches no module that imports Prefect: vim_core never imports it, and its own modules never loop either (the old mlflow_run <-> outbox
 loop, hidden in a function-level import, cannot come back).
 """
 
@@ -158,6 +158,36 @@ def test_flows_modules_never_loop_and_vim_core_never_imports_flows():
     assert cycles(graph) == []
     assert cycles(package_graph(graph)) == []
     assert upward_imports(graph) == []
+
+
+def _imports_prefect(module: str) -> bool:
+    path = ROOT.parent.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        if any(n.split(".")[0] == "prefect" for n in names):
+            return True
+    return False
+
+
+def test_stage_entry_points_reach_no_prefect():
+    """Every module a dvc.yaml stage command can import, at any depth, in any function, imports no Prefect:
+    a stage is plain Python under DVC, and Prefect sits above it (flows.pipeline)."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT.parent / "dvc.yaml").read_text())["stages"]
+    graph = import_graph(ROOT, FLOWS)
+    for name, spec in stages.items():
+        module = spec["cmd"].removeprefix("python -m ")
+        seen, todo = set(), [module, "flows"]
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph.get(current, ()))
+        assert not sorted(m for m in seen if _imports_prefect(m)), name
+    assert _imports_prefect("flows.pipeline")  # the check sees an import of prefect
 
 
 def test_config_imports_nothing_above_it_and_no_torch():

@@ -257,6 +257,16 @@ def test_retrain_tracks_every_stage_and_promotes_the_first_bundle(orch, first, t
     assert decision["outcome"] == "promoted" and decision["metric"] == "psnr"
 
 
+def test_retrain_ran_the_pipeline_flow_with_a_task_per_stage(orch, first):
+    """The stages ran as the `pipeline` subflow of retrain, one Prefect task each (flows/pipeline.py)."""
+    from tests.flows.test_pipeline import task_runs
+
+    runs, logs = task_runs(orch.prefect)
+    assert runs["flow"].parent_task_run_id is not None and runs["flow"].state.is_completed()
+    assert sorted(runs["tasks"]) == sorted(STAGES)
+    assert "Running stage 'evaluate':" in logs
+
+
 def test_champion_generator_tokenizer_and_transformer_load_and_run(orch, first, mlflow_uri):
     import mlflow
     import pandas as pd

@@ -1,4 +1,4 @@
-"""`dvc repro` on a temporary copy of the repo, with the real stage commands (Prefect ephemeral mode)."""
+"""`dvc repro` on a temporary copy of the repo, with the real stage commands: plain Python, no Prefect."""
 
 import os
 import subprocess
@@ -92,3 +92,56 @@ def test_classifier_stage_is_reused_after_a_vim_change_and_by_exp_run_temp(tmp_p
     assert reused.returncode == 0, reused.stdout + reused.stderr
     assert "Running stage 'train_classifier'" not in reused.stdout
     assert "Stage 'train_classifier' is cached - skipping run" in reused.stdout + reused.stderr
+
+
+def _prefect_processes(root: int) -> list[str]:
+    """The command lines of root's descendants that run Prefect (a server, a client, uvicorn)."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "prefect" in cmd or "uvicorn" in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.slow  # the micro pipeline, every stage: about a minute on 2 cores
+def test_plain_dvc_repro_runs_no_prefect(tmp_path):
+    """Every stage process of a whole `dvc repro` imports no Prefect module (Python's own import log,
+    PYTHONPROFILEIMPORTTIME, names each module a process imports) and no Prefect process appears."""
+    from tests.integration.test_orchestration_pipeline import tiny_repo
+
+    repo = tiny_repo(tmp_path / "repo")
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "VIM_TRACKING": "off",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPROFILEIMPORTTIME": "1",  # -X importtime for every Python process under dvc
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "repro.log"
+    seen: set[str] = set()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            seen.update(_prefect_processes(proc.pid))
+            time.sleep(0.1)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    imported = [
+        line.rsplit("|", 1)[-1].strip() for line in text.splitlines() if line.startswith("import time:")
+    ]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert imported.count("flows.common") == len(stages)  # the log covers each stage process
+    assert not [m for m in imported if m.split(".")[0] == "prefect"]
+    assert not seen

@@ -107,7 +107,7 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
 
 
 def test_a_stage_with_stderr_in_a_file_logs_periodic_progress(repo_copy, tmp_path, monkeypatch, lines):
-    """`python -m flows.train_tokenizer` (Prefect flow, ephemeral server) as under `make demo > log`."""
+    """`python -m flows.train_tokenizer` (a plain stage process) as under `make demo > log`."""
     from tests.integration.test_orchestration_pipeline import tiny_params
     from vim_core.config import load_params
     from vim_core.data.prepare import prepare
@@ -125,8 +125,6 @@ def test_a_stage_with_stderr_in_a_file_logs_periodic_progress(repo_copy, tmp_pat
         "PYTHONPATH": str(repo_copy),
         "VIM_TRACKING": "off",
         "VIM_PROGRESS_EVERY": "0.5",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "OMP_NUM_THREADS": "1",
     }
     log = tmp_path / "stderr.log"

@@ -97,16 +97,15 @@ def _stage(repo: Path, home: Path, url: str) -> subprocess.CompletedProcess:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "MLFLOW_EXPERIMENT_NAME": "redaction",
-        "PREFECT_HOME": str(home / "prefect"),
         "OMP_NUM_THREADS": "1",
     }
-    for key in ("PREFECT_API_URL", "VIM_TRACKING", "VIM_PARENT_RUN_ID"):
+    for key in ("VIM_TRACKING", "VIM_PARENT_RUN_ID"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "flows.prepare_data", "--params", "params.yaml"]
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
 
 
-@pytest.mark.slow  # two stage runs with their ephemeral Prefect servers: about 30 s
+@pytest.mark.slow  # two stage runs: about 30 s
 def test_a_stage_leaks_no_credential_of_its_data_url(repo_copy, http_shards, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -123,7 +122,7 @@ def test_a_stage_leaks_no_credential_of_its_data_url(repo_copy, http_shards, tmp
     assert len(errors) == 1 and "missing.tar" in errors[0] and MASK in errors[0], bad.stderr[-2000:]
     outputs = "\n".join([ok.stdout, ok.stderr, bad.stdout, bad.stderr])
     assert not [s for s in SECRETS if s in outputs], outputs[-3000:]
-    # Every file the runs wrote: MLflow's store and artifacts, Prefect's database and logs, metrics/,
+    # Every file the runs wrote: MLflow's store and artifacts, metrics/,
     # data/prepared; params.yaml holds the URL by design (it is the input).
     assert (home / "mlflow.db").is_file() and list((repo_copy / "metrics").glob("*.json"))
     leaks = _files_holding(home, SECRETS, set()) + _files_holding(

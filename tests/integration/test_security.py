@@ -203,7 +203,7 @@ def test_project_commands_bind_loopback():
         if "0.0.0.0" in line and "BIND_ADDRESS=0.0.0.0" not in line:
             wide.append(f"{where}: {line.strip()}")
     assert not wide, "binds beyond loopback: " + "; ".join(wide)
-    # the test servers (tests/servers.py) and the ephemeral Prefect server are started on 127.0.0.1
+    # the test servers (tests/servers.py), Prefect's included, are started on 127.0.0.1
     assert '"-H", "127.0.0.1"' in (REPO / "tests" / "conftest.py").read_text()
     assert '"--host", "127.0.0.1"' in (REPO / "tests" / "servers.py").read_text()
 

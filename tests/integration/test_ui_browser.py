@@ -124,7 +124,7 @@ def registry(tmp_path_factory):
     (root / "prefect").mkdir()
     server, proc = start_mlflow(root / "mlflow", timeout=300)  # shared, busy cores
     try:
-        # no Prefect API URL: each retrain starts its own ephemeral server
+        # no Prefect API URL: Prefect starts a temporary server for each retrain
         tiny = SimpleNamespace(repo=repo, env=tiny_env(root / "prefect", server.url, EXPERIMENT))
         summaries = [retrain(tiny), retrain(tiny, "--set", f"{VARIANT[0]}={VARIANT[2]}")]
         assert [s["promotion"] for s in summaries] == ["promoted", "kept"], summaries
@@ -411,14 +411,27 @@ def _final_state(ui, flow_run_id, timeout: float):
         time.sleep(3)
 
 
-RETRAIN_TASKS = ("repro", "log_model", "register", "promote")  # dvc repro, then publish's three tasks
+RETRAIN_TASKS = ("log_model", "register", "promote")  # publish's three tasks, after the pipeline subflow
+
+
+def _subflow_runs(ui, flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    from tests.integration.test_orchestration_pipeline import _prefect
+
+    only = FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
+    with _prefect(ui), get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=only)
 
 
 def test_prefect_run_button_retrains_and_its_page_shows_the_tasks_completed(page, prefect_ui, tmp_path):
     """Run -> Quick run on the served retrain/scheduled deployment: the serving process runs the tiny
-    pipeline through DVC, publishes and promotes, and the flow run's page shows each task Completed."""
+    pipeline through DVC, publishes and promotes, and the flow run's page shows each task Completed; its
+    pipeline subflow's page shows one task per dvc.yaml stage, each Completed."""
     import re
 
+    import yaml
     from playwright.sync_api import expect
 
     deployment = prefect_ui.deployment
@@ -438,13 +451,23 @@ def test_prefect_run_button_retrains_and_its_page_shows_the_tasks_completed(page
     expect(page.get_by_text(run.name, exact=True).first).to_be_visible()
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
     page.get_by_text("Task Runs", exact=True).click()
-    page.get_by_text(re.compile(r"^repro-")).first.wait_for()
+    page.get_by_text(re.compile(r"^log_model-")).first.wait_for()
     for task in RETRAIN_TASKS:
         link = page.get_by_role("link", name=re.compile(rf"^{task}-"))
         expect(link.first).to_be_visible()
         card = page.locator(".state-list-item").filter(has=link.first)
         expect(card.get_by_text("Completed", exact=True)).to_be_visible()
     screenshot(page, "prefect-run-completed", tmp_path)
+    [pipeline] = _subflow_runs(prefect_ui, run.id)
+    page.goto(f"{prefect_ui.prefect}/runs/flow-run/{pipeline.id}")
+    expect(page.get_by_text(pipeline.name, exact=True).first).to_be_visible()
+    page.get_by_text("Task Runs", exact=True).click()
+    for stage in yaml.safe_load((prefect_ui.repo / "dvc.yaml").read_text())["stages"]:
+        link = page.get_by_role("link", name=stage, exact=True)
+        expect(link.first).to_be_visible()
+        card = page.locator(".state-list-item").filter(has=link.first)
+        expect(card.get_by_text("Completed", exact=True)).to_be_visible()
+    screenshot(page, "prefect-pipeline-tasks", tmp_path)
     # and the click's retrain registered its models: the tiny repo's registry has a champion
     from mlflow import MlflowClient
 
