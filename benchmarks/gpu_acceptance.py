@@ -64,8 +64,9 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 STAGES = (("tokenizer", "train-tokenizer"), ("transformer", "pretrain-transformer"))
 
 
-class PartTimeout(Exception):
-    pass
+class PartTimeout(BaseException):
+    """A part past its time limit. A BaseException, like KeyboardInterrupt, so that the alarm cannot be
+    swallowed by an `except Exception` in whatever library code it interrupts (seen under load)."""
 
 
 class PartFailed(Exception):
@@ -83,7 +84,7 @@ def keeping(result: dict, what: str):
         yield
     except PartFailed:
         raise
-    except Exception as err:
+    except (Exception, PartTimeout) as err:
         raise PartFailed(f"{what}: {type(err).__name__}: {err}", result) from err
 
 
@@ -302,7 +303,7 @@ def run_part(name: str, smoke: bool, peak: float | None, out: Path, limit_s: flo
         with time_limit(limit_s):
             entry["result"] = PARTS[name](smoke, peak, out)
         entry["ok"] = True
-    except Exception as err:  # one part's failure must not stop the others
+    except (Exception, PartTimeout) as err:  # one part's failure must not stop the others
         log.exception("%s failed", name)
         message = str(err) if isinstance(err, PartFailed) else f"{type(err).__name__}: {err}"
         entry["error"] = (message.splitlines() or [""])[0][:500]
