@@ -9,12 +9,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
-TOP_FOLDERS = {"vim_core", "flows", "integration", "faults", "assets", "__pycache__"}
+TOP_FOLDERS = {"vim_core", "flows", "integration", "faults", "assets", "scripts", "__pycache__"}
 
 
 def test_no_test_module_at_the_top():
     stray = sorted(p.name for p in TESTS.glob("test_*.py"))
     assert not stray, f"move {stray} into tests/vim_core/<package>/, tests/flows/ or tests/integration/"
+
+
+def test_scripts_run_by_path_live_in_tests_scripts():
+    """A script run by path puts its own folder first on sys.path: from tests/, `import vim_core` would find
+    the test package tests/vim_core/ instead of the library (it did: ImportError under torchrun)."""
+    for path in TESTS.rglob("*.py"):
+        if "__main__" in path.read_text() and path.parent != TESTS / "scripts":
+            assert not (path.parent / "vim_core").is_dir() and not (path.parent / "flows").is_dir(), (
+                f"{path.relative_to(REPO)} runs as a script beside a test package: move it to tests/scripts/"
+            )
 
 
 def test_top_folders_are_the_known_ones():

@@ -26,7 +26,7 @@ from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
 REPO = Path(__file__).resolve().parents[3]
-TOY = REPO / "tests" / "helpers_train_toy.py"
+TOY = REPO / "tests" / "scripts" / "train_toy.py"
 
 
 class Tied(nn.Module):

@@ -26,7 +26,7 @@ from vim_core.tokenizer.export import save_tokenizer
 from vim_core.tokenizer.model import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]
-HELPER = REPO / "tests" / "helpers_ddp_trainers.py"
+HELPER = REPO / "tests" / "scripts" / "ddp_trainers.py"
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MICRO_VIT = {"blocks": 1, "heads": 2, "dim": 32, "mlp_dim": 64}
 STEPS, STOP = 12, 8

@@ -18,7 +18,7 @@ from vim_core.train import distributed as vdist
 from vim_core.train.loop import enable_tf32
 
 REPO = Path(__file__).resolve().parents[3]
-TOY = REPO / "tests" / "helpers_train_toy.py"
+TOY = REPO / "tests" / "scripts" / "train_toy.py"
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
