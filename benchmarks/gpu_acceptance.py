@@ -65,8 +65,8 @@ STAGES = (("tokenizer", "train-tokenizer"), ("transformer", "pretrain-transforme
 
 
 class PartTimeout(BaseException):
-    """A part past its time limit. A BaseException, like KeyboardInterrupt, so that the alarm cannot be
-    swallowed by an `except Exception` in whatever library code it interrupts (seen under load)."""
+    """A part past its time limit. A BaseException, like KeyboardInterrupt, so that an `except Exception`
+    in whatever library code the alarm interrupts does not swallow it."""
 
 
 class PartFailed(Exception):
@@ -96,7 +96,9 @@ def time_limit(seconds: float):
         raise PartTimeout(f"ran past its {seconds:.0f} s limit")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # then again every second until the block ends: a raise that lands in a weakref callback or a __del__
+    # is printed and dropped by Python (seen under a full test run), and the next one ends the part
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:

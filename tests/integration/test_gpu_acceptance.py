@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.gpu_acceptance import PartFailed, gpu_params, main, throughput_part, time_limit
+from benchmarks.gpu_acceptance import PartFailed, PartTimeout, gpu_params, main, throughput_part, time_limit
 from vim_core.config import parse_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,23 @@ def test_a_part_past_its_limit_fails_with_what_it_measured(tmp_path):
         throughput_part(True, None, tmp_path)  # several seconds of tiny training steps
     assert str(failed.value).startswith("tokenizer: PartTimeout: ran past its 0 s limit")
     assert failed.value.result == {}  # it stopped in the first model
+
+
+def test_a_dropped_timeout_is_raised_again():
+    """Python drops an exception raised in a weakref callback or __del__; the alarm then fires again."""
+    import time
+
+    dropped = 0
+    with pytest.raises(PartTimeout), time_limit(0.1):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except PartTimeout:  # the first one lost, as in a callback
+                dropped += 1
+                if dropped > 1:
+                    raise
+    assert dropped == 2
 
 
 def test_spent_budget_records_every_part_and_exits_1(tmp_path, capsys):
