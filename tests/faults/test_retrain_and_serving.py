@@ -289,16 +289,10 @@ def complete(c, url: str, alias: str) -> str | None:
         return f"{alias} points at nothing"
     if registry.EVAL_HASH_TAG not in mv.tags or not any(k.startswith(registry.METRIC_TAG) for k in mv.tags):
         return f"{alias} v{mv.version} lacks its metric tags: {mv.tags}"
-    uri = f"models:/{registry.MODEL_NAME}/{mv.version}"
-    # models:/ URIs resolve through the process's registry URI, whatever download_artifacts is given
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(url)
-    mlflow.set_registry_uri(url)
-    try:
-        root = mlflow.artifacts.download_artifacts(uri)
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    # the version's logged model, fetched through this server alone: mlflow.set_tracking_uri and
+    # set_registry_uri would also set MLFLOW_*_URI in os.environ, which later subprocesses inherit
+    model = c.get_logged_model(mv.source.removeprefix("models:/"))
+    root = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, tracking_uri=url)
     try:
         load_tokenizer(root + "/artifacts/tokenizer.safetensors")
         load_transformer(root + "/artifacts/transformer.safetensors")
