@@ -11,12 +11,12 @@ exists with the same params is skipped, so a study killed with Ctrl-C or SIGKILL
 was in. Each run gets an MLflow pipeline run tagged vim.study / vim.arm / vim.seed, which its stage runs
 nest under, and the arm's metrics are logged on it for comparison in the UI.
 
-The report, reports/<study>.{json,md,png} (flows.study_report, with the statistics of flows.study_stats),
+The report, reports/<study>.{json,md,png} (vim_core.study: its statistics, data and rendering),
 holds every arm's mean and sd over seeds, each compared pair's difference with a 95% Welch interval and a
 verdict, each run's sampling choice, the training FLOPs that make arms comparable, and the paper's figures
 beside ours. A committed report of the old protocol is not overwritten unless --replace-old says so.
 
-This module is the runner: the study file is flows.study_spec, the report flows.study_report.
+This module is the runner: the study file is vim_core.config.study, the report vim_core.study.
 """
 
 import argparse
@@ -37,9 +37,9 @@ from prefect import flow, task
 
 from flows import vcs
 from flows.flow_cli import run_flow_cli
-from flows.study_report import check_replaceable, write_report
-from flows.study_spec import Run, load_study
+from vim_core.config.study import Run, load_study
 from vim_core.errors import VimError
+from vim_core.study.render import check_replaceable, write_report
 
 log = logging.getLogger("vim.study")
 
@@ -237,7 +237,15 @@ def study_flow(
         stop_leftover(cwd, spec.name)
         for run in spec.runs():
             run_arm(run, str(cwd), params_path)
-    return write_report(spec, experiments(cwd), study_file, cwd / out_dir, partial, cwd)
+    return write_report(spec, experiments(cwd), study_file, cwd / out_dir, partial, head_commit(cwd))
+
+
+def head_commit(cwd: Path) -> str | None:
+    """The experiments' baseline commit, for the report; None outside a git repository."""
+    try:
+        return vcs.git("rev-parse", "HEAD", cwd=cwd).strip()
+    except VimError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

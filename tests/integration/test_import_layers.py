@@ -1,7 +1,7 @@
 """vim_core's and flows' imports point down their layers and never loop, checked on the sources with ast.
 
 Layers, lowest first (PACKAGE_ORDER): the leaf utilities (errors, io, layers, redact, timing) and config,
-then data, tokenizer, transformer, train, eval, cli, one package to a layer above config. A module may
+then data, tokenizer, transformer, train, eval, study, cli, one package to a layer above config. A module may
 import its own package or any package below it, so the packages form a chain with no cycle between
 them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
 Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
@@ -36,6 +36,7 @@ PACKAGE_ORDER = (
     ("vim_core.transformer",),
     ("vim_core.train",),
     ("vim_core.eval",),
+    ("vim_core.study",),  # statistics and reports over runs' metrics (reads eval's sampling keys)
     ("vim_core.cli",),
     ("flows",),  # one flat package: every flows module, above all of vim_core
 )
@@ -252,7 +253,7 @@ def test_the_checks_see_cycles_and_upward_imports(tmp_path):
     (pkg / "data" / "shards.py").write_text("from flows.a import f\n")
     both = import_graph(pkg, pkg.parent / "flows")
     assert ["flows.a", "flows.b"] in cycles(both)  # the function-level import counts
-    assert "vim_core.data.shards (layer 1) imports flows.a (layer 7)" in upward_imports(both)
+    assert "vim_core.data.shards (layer 1) imports flows.a (layer 8)" in upward_imports(both)
     assert ["flows", "vim_core.data", "vim_core.tokenizer"] in cycles(package_graph(both))
     with pytest.raises(AssertionError, match="vim_core.newtop is in no layer"):
         layer_of("vim_core.newtop")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flows.study_stats import compare_arms, pairs, summarize, t_quantile, verdict, welch_interval
+from vim_core.study.stats import compare_arms, pairs, summarize, t_quantile, verdict, welch_interval
 
 
 def test_welch_interval_against_a_hand_computed_example():

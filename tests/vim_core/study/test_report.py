@@ -7,17 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows.study import main
-from flows.study_report import (
-    build_report,
-    check_replaceable,
-    curves,
-    render_curves,
-    render_markdown,
-    write_report,
-)
-from flows.study_spec import StudySpec
+from vim_core.config.study import StudySpec
 from vim_core.errors import VimError
+from vim_core.study.render import check_replaceable, curves, render_curves, render_markdown, write_report
+from vim_core.study.report import build_report
+
+REPO = Path(__file__).resolve().parents[3]
 
 SPEC = StudySpec.model_validate(
     {
@@ -50,7 +45,7 @@ def test_report_groups_indexed_metrics_into_curves(tmp_path: Path):
     }
     assert list(curves(SPEC)) == ["acc_by_block"]
     assert [i for i, _ in curves(SPEC)["acc_by_block"]] == [0, 1, 2]
-    report = build_report(SPEC, exps, "studies/curvy.yaml", partial=True, cwd=tmp_path)
+    report = build_report(SPEC, exps, "studies/curvy.yaml", partial=True)
     assert report["missing_runs"] == ["curvy-b-s1"]
     a1 = report["arms"]["a"]["metrics"]["acc_by_block.1"]
     assert a1["mean"] == pytest.approx(0.75) and a1["sd"] == pytest.approx(0.0707, abs=1e-4)
@@ -69,7 +64,7 @@ def test_report_groups_indexed_metrics_into_curves(tmp_path: Path):
 
 def test_no_curve_without_indexed_metrics(tmp_path: Path):
     flat = SPEC.model_copy(update={"metrics": SPEC.metrics[:1]})
-    report = build_report(flat, {"curvy-a-s0": _exp([0.5])}, "x.yaml", partial=True, cwd=tmp_path)
+    report = build_report(flat, {"curvy-a-s0": _exp([0.5])}, "x.yaml", partial=True)
     assert not render_curves(report, flat, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
 
@@ -131,7 +126,7 @@ def _gen_exps() -> dict:
 
 
 def test_three_compared_arms_get_intervals_and_verdicts_against_the_first(tmp_path: Path):
-    report = build_report(GEN, _gen_exps(), "studies/gen.yaml", cwd=tmp_path)
+    report = build_report(GEN, _gen_exps(), "studies/gen.yaml")
     assert [(p["a"], p["b"]) for p in report["comparison"]["pairs"]] == [("vit", "cnn"), ("vit", "vanilla")]
     assert report["comparison"]["method"].startswith("Welch")
     vit_cnn = report["comparison"]["pairs"][0]["metrics"]
@@ -149,7 +144,7 @@ def test_three_compared_arms_get_intervals_and_verdicts_against_the_first(tmp_pa
 
 
 def test_an_unconditional_arm_shows_dash_in_class_conditional_rows(tmp_path: Path):
-    report = build_report(GEN, _gen_exps(), "studies/gen.yaml", cwd=tmp_path)
+    report = build_report(GEN, _gen_exps(), "studies/gen.yaml")
     uncond = report["arms"]["uncond"]
     assert uncond["conditional"] is False and report["arms"]["vit"]["conditional"] is True
     assert set(uncond["metrics"]) == {"fid_domain_uncond"}
@@ -161,7 +156,7 @@ def test_an_unconditional_arm_shows_dash_in_class_conditional_rows(tmp_path: Pat
     assert rows["| fid_domain_uncond (lower is better)"].endswith("| 170.0 ± 0.0 (n=2) | 140.0 (n=1) |")
 
 
-def test_old_protocol_reports_are_not_overwritten_unless_asked(tmp_path: Path, monkeypatch, capsys):
+def test_old_protocol_reports_are_not_overwritten_unless_asked(tmp_path: Path):
     old = {"study": "generation", "protocol": "old (pinned cfg 3, 2 seeds, range overlap)"}
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "gen.json").write_text(json.dumps(old))
@@ -171,31 +166,17 @@ def test_old_protocol_reports_are_not_overwritten_unless_asked(tmp_path: Path, m
     check_replaceable(tmp_path / "reports", "other", replace_old=False)  # nothing there yet
     (tmp_path / "reports" / "new.json").write_text(json.dumps({"protocol": "val-tuned"}))
     check_replaceable(tmp_path / "reports", "new", replace_old=False)
-    # The committed reports are marked so, and --report-only stops before Prefect starts, with one line.
-    repo = Path(__file__).resolve().parents[2]
+    # The committed reports are marked so.
     for name in ("generation", "representation"):
-        marked = json.loads((repo / "reports" / f"{name}.json").read_text())
+        marked = json.loads((REPO / "reports" / f"{name}.json").read_text())
         assert marked["protocol"].startswith("old")
-        assert (repo / "reports" / f"{name}.md").read_text().startswith("> **Old protocol")
-    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
-    (tmp_path / "reports" / "generation.json").write_text((repo / "reports" / "generation.json").read_text())
-    study = {
-        "name": "generation",
-        "title": "t",
-        "arms": {"a": {}},
-        "metrics": [{"key": "psnr", "source": "eval"}],
-    }
-    (tmp_path / "gen.yaml").write_text(json.dumps(study))
-    monkeypatch.chdir(tmp_path)
-    assert main(["gen.yaml", "--report-only"]) == 1
-    assert "old protocol" in capsys.readouterr().err
+        assert (REPO / "reports" / f"{name}.md").read_text().startswith("> **Old protocol")
 
 
 def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
     import yaml
 
-    repo = Path(__file__).resolve().parents[2]
-    raw = yaml.safe_load((repo / "studies" / "generation.yaml").read_text())
+    raw = yaml.safe_load((REPO / "studies" / "generation.yaml").read_text())
     spec = StudySpec.model_validate(raw)  # load_study also checks the overrides against params.yaml
     assert list(spec.arms) == ["vit", "cnn-remedies", "vqgan-vanilla", "vit-uncond"]
     assert spec.compare == ["vit", "cnn-remedies", "vqgan-vanilla"]
@@ -214,7 +195,7 @@ def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
     conditional = {m.key for m in spec.metrics if m.conditional}
     assert {"fid_domain", "fid_domain_rejection", "class_accuracy", "chosen_cfg_scale"} <= conditional
     assert all("cfg 3" not in (m.label or "") for m in spec.metrics)
-    rep = StudySpec.model_validate(yaml.safe_load((repo / "studies" / "representation.yaml").read_text()))
+    rep = StudySpec.model_validate(yaml.safe_load((REPO / "studies" / "representation.yaml").read_text()))
     assert rep.overrides["evaluate.sampling"] is False and "evaluate.cfg_scale" not in rep.overrides
 
 
