@@ -22,7 +22,11 @@ class TrainLoopConfig(StrictModel):
     weight_decay: float = Field(default=1e-4, ge=0.0, description="decoupled (AdamW)")
     grad_clip: float | None = Field(default=1.0, gt=0.0)
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0, description="None: no EMA weights")
-    bf16: bool = Field(default=False, description="bf16 autocast; for GPUs")
+    bf16: bool | Literal["auto"] = Field(
+        default=False,
+        description="bf16 autocast: true, false, or auto (on only where bf16 matmuls are native: a CUDA GPU "
+        "with bf16, or a CPU with AVX-512 BF16 or AMX; elsewhere bf16 is emulated and many times slower)",
+    )
     compile: bool = Field(default=False, description="torch.compile the model; for GPUs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(

@@ -21,7 +21,15 @@ from vim_core.tokenizer.palette import fit_palette_tokenizer
 from vim_core.train import distributed as vdist
 from vim_core.train import flops, run
 from vim_core.train.checkpoint import code_digest, maybe_resume
-from vim_core.train.loop import EMA, autocast_context, check_finite, clip_grad, maybe_compile, set_seed
+from vim_core.train.loop import (
+    EMA,
+    autocast_context,
+    check_finite,
+    clip_grad,
+    maybe_compile,
+    set_seed,
+    uses_bf16,
+)
 from vim_core.train.schedule import make_scheduler
 from vim_core.train.tracking import Tracker
 
@@ -267,6 +275,7 @@ def train_tokenizer(
         "resumed_from": start,
         "train_seconds": round(seconds, 2),
         **run.step_time_metrics(step_seconds, budget.phases, start),
+        "autocast": "bf16" if uses_bf16(device, cfg.train.bf16) else "fp32",  # what ran (train.bf16)
         "world_size": ctx.info.world_size,
         "fingerprint": fp,
         "selected": selected,
