@@ -1,5 +1,7 @@
 """Regenerate docs/img/ (see docs/operations.md): the UIs as the browser tests saw them, and the pipeline's plots.
 
+mlflow-compare.png is not among them: it shows two real runs, from scripts/compare_picture.py.
+
     python scripts/readme_images.py                # run tests/integration/test_ui_browser.py, then take its screenshots
     python scripts/readme_images.py --from DIR     # take screenshots saved before (VIM_SCREENSHOT_DIR=DIR)
 
@@ -29,7 +31,6 @@ MAX_BYTES = 300_000
 SCREENSHOTS = {
     "prefect-deployment.png": "prefect-deployment.png",
     "mlflow-registry.png": "mlflow-registry.png",
-    "mlflow-compare.png": "mlflow-compare.png",
     "prefect-run-completed.png": "prefect-run-completed.png",
 }
 PLOTS = {
