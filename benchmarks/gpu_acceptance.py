@@ -85,6 +85,8 @@ def keeping(result: dict, what: str):
     except PartFailed:
         raise
     except (Exception, PartTimeout) as err:
+        if isinstance(err, PartTimeout):
+            signal.setitimer(signal.ITIMER_REAL, 0)  # the part is over: no repeat may land in what follows
         raise PartFailed(f"{what}: {type(err).__name__}: {err}", result) from err
 
 
@@ -96,9 +98,10 @@ def time_limit(seconds: float):
         raise PartTimeout(f"ran past its {seconds:.0f} s limit")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    # then again every second until the block ends: a raise that lands in a weakref callback or a __del__
-    # is printed and dropped by Python (seen under a full test run), and the next one ends the part
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    # then again every 0.1 s until the block ends: a raise that lands in a weakref callback or a __del__
+    # is printed and dropped by Python (seen under a full test run), and the next one ends the part; a
+    # longer interval let a dropped alarm's part finish and the next part take the timeout (CI, stop 31)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)
     try:
         yield
     finally:
