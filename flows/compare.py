@@ -41,6 +41,7 @@ KEY_METRICS = (
 # The evaluate stage's numbers win over a training stage's of the same name (codebook_usage, psnr).
 STAGE_ORDER = (
     "evaluate",
+    "evaluate_tokenizer",
     "pretrain_transformer",
     "train_tokenizer",
     "tokenize_dataset",

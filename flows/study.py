@@ -4,7 +4,8 @@
     python -m flows.study studies/generation.yaml --report-only
 
 A study file names arms; each arm is a set of params.yaml overrides, run once per seed as
-`dvc exp run --temp -n <study>-<arm>-s<seed> -S key=value ...`, one at a time. `--temp` keeps the
+`dvc exp run --temp -n <study>-<arm>-s<seed> -S key=value ... [stages]`, one at a time (a study that
+names `stages` stops there, e.g. at the tokenizer's). `--temp` keeps the
 workspace untouched, stages the workspace's dvc.lock already holds are not rerun (DVC's run cache is
 off for the training stages, whose loss curves persist), and `dvc exp show` lists every arm afterwards. A run that already
 exists with the same params is skipped, so a study killed with Ctrl-C or SIGKILL resumes at the run it
@@ -37,6 +38,7 @@ from prefect import flow, task
 
 from flows import vcs
 from flows.flow_cli import run_flow_cli
+from flows.stages import DVC_YAML, all_declared
 from vim_core.config.study import Run, load_study
 from vim_core.errors import VimError
 from vim_core.study.render import check_replaceable, write_report
@@ -140,6 +142,7 @@ def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
     cmd = [vcs.dvc_executable(), "exp", "run", "--temp", "-n", run.name]
     for key, value in run.overrides.items():
         cmd += ["-S", f"++{key}={hydra_value(value)}"]  # ++: add the key when params.yaml lacks it
+    cmd += run.stages  # a study that stops early: these stages and what they depend on
     _log().info("$ %s", " ".join(cmd))
     pidfile = _pidfile(cwd, run.study)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
@@ -268,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def validate() -> None:  # fail before Prefect starts, one line per problem
         spec = load_study(args.study, args.params)
+        unknown = sorted(set(spec.stages) - {s.name for s in all_declared()})
+        if unknown:
+            raise VimError(f"{args.study}: stages not in {DVC_YAML}: {unknown}")
         check_replaceable(Path.cwd() / args.out_dir, spec.name, args.replace_old)
 
     try:

@@ -17,6 +17,7 @@ BODIES = {
     "prepare_data": "write_dataset",
     "train_classifier": "fit",
     "train_tokenizer": "train",
+    "evaluate_tokenizer": "score",
     "tokenize_dataset": "encode",
     "pretrain_transformer": "train",
     "evaluate": "score",

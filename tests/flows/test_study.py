@@ -194,3 +194,74 @@ def test_micro_study_with_three_seeds_reports_intervals_verdicts_and_val_choices
     md = (repo / "reports" / "micro3.md").read_text()
     assert "`long` against `short`:" in md and "| metric | long − short | 95% CI | verdict |" in md
     assert "chosen_cfg_scale" in md and "overlap" not in md
+
+
+# Issue #27's tokenizer-only study: the runs stop at the tokenizer's stages, and the report fits the curve.
+STUDY_SCALING = {
+    "name": "microscale",
+    "title": "Micro scaling",
+    "seeds": [0],
+    "stages": ["train_tokenizer", "evaluate_tokenizer"],
+    "compare": ["vit-s20", "cnn-s20"],
+    "arms": {
+        f"{arch}-s{steps}": {"overrides": {"tokenizer.train.steps": steps, **extra}}
+        for arch, extra in (("vit", {}), ("cnn", {"tokenizer.model.arch": "cnn"}))
+        for steps in (10, 20, 40)
+    },
+    "scaling": {
+        "x": {"key": "train_flops", "source": "tokenizer"},
+        "fit": "rfid_domain",
+        "series": {"vit": ["vit-s10", "vit-s20", "vit-s40"], "cnn": ["cnn-s10", "cnn-s20", "cnn-s40"]},
+    },
+    "metrics": [
+        {"key": "rfid_domain", "source": "tokenizer_eval", "better": "lower"},
+        {"key": "psnr", "source": "tokenizer_eval", "better": "higher"},
+    ],
+}
+
+
+def test_a_tokenizer_only_study_stops_at_its_stages_and_fits_the_curve(
+    tmp_path, mlflow_server, prefect_server
+):
+    repo = copy_repo(tmp_path / "repo")
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(yaml.safe_load(params.read_text())), sort_keys=False))
+    (repo / "studies" / "microscale.yaml").write_text(yaml.safe_dump(STUDY_SCALING, sort_keys=False))
+    git_commit(repo, "micro scaling study")
+    (tmp_path / "prefect").mkdir()
+    env = {
+        **os.environ,
+        **servers.prefect_env(tmp_path / "prefect", api_url=f"{prefect_server}/api"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "MLFLOW_EXPERIMENT_NAME": "study-test-scaling",
+        "DVC_NO_ANALYTICS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "flows.study", "studies/microscale.yaml"]
+    bad = repo / "studies" / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**STUDY_SCALING, "stages": ["train_tokenizer", "evaluate_tokeniser"]}))
+    out = subprocess.run([*cmd[:-1], str(bad)], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "evaluate_tokeniser" in out.stderr and out.stderr.count("\n") == 1
+    bad.unlink()
+
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((repo / "reports" / "microscale.json").read_text())
+    assert len(report["arms"]) == 6
+    for data in report["arms"].values():
+        assert "transformer_train_flops" not in data["budget"] and data["metrics"]["rfid_domain"]["mean"] > 0
+    flops = [report["arms"][f"vit-s{s}"]["scaling_x"]["mean"] for s in (10, 20, 40)]
+    assert flops[0] < flops[1] < flops[2]
+    assert set(report["scaling"]["series"]) == {"vit", "cnn"} and "verdict" in report["scaling"]["trend"]
+    assert (repo / "reports" / "microscale.png").stat().st_size > 1000
+
+    # No VIM was trained or evaluated: the study's MLflow stage runs are the tokenizer's and upstream's.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("study-test-scaling")
+    runs = client.search_runs([exp.experiment_id], "tags.`vim.kind` = 'stage'")
+    stages = {r.data.tags["vim.stage"] for r in runs}
+    assert {"train_tokenizer", "evaluate_tokenizer"} <= stages
+    assert not stages & {"tokenize_dataset", "pretrain_transformer", "evaluate"}, stages

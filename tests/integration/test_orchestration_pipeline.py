@@ -31,6 +31,7 @@ STAGES = (
     "prepare_data",
     "train_classifier",
     "train_tokenizer",
+    "evaluate_tokenizer",
     "tokenize_dataset",
     "pretrain_transformer",
     "evaluate",

@@ -16,13 +16,20 @@ from vim_core.config.base import StrictModel
 from vim_core.errors import ConfigError
 
 SLUG = r"^[a-z0-9][a-z0-9_-]*$"
+# The dvc.yaml stage that writes each metrics source; a study that stops early reads only what it ran.
+SOURCE_STAGES = {
+    "tokenizer": "train_tokenizer",
+    "tokenizer_eval": "evaluate_tokenizer",
+    "transformer": "pretrain_transformer",
+    "eval": "evaluate",
+}
 
 
 class MetricSpec(StrictModel):
     """One row of the report: a number from one stage's metrics JSON."""
 
     key: str
-    source: Literal["tokenizer", "transformer", "eval"]
+    source: Literal["tokenizer", "tokenizer_eval", "transformer", "eval"]
     label: str | None = None
     better: Literal["lower", "higher"] | None = None
     conditional: bool = Field(
@@ -48,6 +55,24 @@ class ArmSpec(StrictModel):
         return _distinct_seeds(seeds)
 
 
+class ScalingSpec(StrictModel):
+    """A compute-scaling curve: arms grouped into series, one arm per budget, a metric fitted against FLOPs."""
+
+    x: MetricSpec = Field(description="the compute axis, e.g. the tokenizer's train_flops")
+    fit: str = Field(description="the metric key fitted as floor + a * (x / x_ref) ** -b")
+    series: dict[str, list[str]] = Field(
+        min_length=2, description="series name -> its arms, in increasing budget; the first two are compared"
+    )
+
+    @field_validator("series")
+    @classmethod
+    def _same_budgets(cls, series: dict) -> dict:
+        sizes = {len(arms) for arms in series.values()}
+        if len(sizes) != 1 or sizes.pop() < 3:
+            raise ValueError("every series needs the same number of arms (budgets), at least 3")
+        return series
+
+
 class StudySpec(StrictModel):
     """A study file (studies/*.yaml)."""
 
@@ -66,6 +91,11 @@ class StudySpec(StrictModel):
         default_factory=dict, description="arm -> metric key -> the paper's figure, and 'source'"
     )
     notes: list[str] = Field(default_factory=list)
+    stages: list[str] = Field(
+        default_factory=list,
+        description="dvc.yaml stages to run (with what they depend on), e.g. the tokenizer's; empty: all",
+    )
+    scaling: ScalingSpec | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -80,12 +110,16 @@ class StudySpec(StrictModel):
             raise ValueError(f"arm names must be lower-case letters, digits, - or _: {bad}")
         return arms
 
+    def sources(self) -> set[str]:
+        """The metrics sources the study's runs produce: all of them, or those of its stages."""
+        return {src for src, stage in SOURCE_STAGES.items() if not self.stages or stage in self.stages}
+
     def runs(self) -> list["Run"]:
         out = []
         for arm, spec in self.arms.items():
             for seed in spec.seeds if spec.seeds is not None else self.seeds:
                 overrides = {**self.overrides, **spec.overrides, "seed": seed}
-                out.append(Run(study=self.name, arm=arm, seed=seed, overrides=overrides))
+                out.append(Run(study=self.name, arm=arm, seed=seed, overrides=overrides, stages=self.stages))
         return out
 
 
@@ -94,6 +128,7 @@ class Run(StrictModel):
     arm: str
     seed: int
     overrides: dict[str, Any]
+    stages: list[str] = Field(default_factory=list, description="the `dvc exp run` targets; empty: all")
 
     @property
     def name(self) -> str:
@@ -112,9 +147,20 @@ def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> Stu
         raise ConfigError([f"{path}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, str(path))) from None
-    unknown = sorted({a for a in [*spec.compare, *spec.paper] if a not in spec.arms})
+    named = [*spec.compare, *spec.paper]
+    if spec.scaling is not None:
+        named += [a for arms in spec.scaling.series.values() for a in arms]
+    unknown = sorted({a for a in named if a not in spec.arms})
     if unknown:
-        raise ConfigError([f"{path}: compare/paper name arms that do not exist: {unknown}"])
+        raise ConfigError([f"{path}: compare/paper/scaling name arms that do not exist: {unknown}"])
+    wanted = [m for m in spec.metrics + ([spec.scaling.x] if spec.scaling else [])]
+    unmade = sorted({m.source for m in wanted if m.source not in spec.sources()})
+    if unmade:
+        raise ConfigError(
+            [f"{path}: metrics from {unmade} need stages the study does not run ({spec.stages})"]
+        )
+    if spec.scaling is not None and spec.scaling.fit not in {m.key for m in spec.metrics}:
+        raise ConfigError([f"{path}: scaling.fit {spec.scaling.fit!r} is not one of the study's metrics"])
     params = load_params(params_path)
     for run in spec.runs():
         sets = [f"{k}={json.dumps(v)}" for k, v in run.overrides.items()]

@@ -16,11 +16,10 @@ from vim_core.eval.classifier_stage import load_trained
 from vim_core.eval.generation import generation_metrics
 from vim_core.eval.grids import image_grid
 from vim_core.eval.probe import extract_block_features, extract_features, probe_blocks, probe_with_config
-from vim_core.eval.ssim import ssim
+from vim_core.eval.reconstruction import reconstruction_metrics
 from vim_core.io import spec_hash
 from vim_core.progress import Progress, phase
 from vim_core.tokenizer.export import Tokenizer, load_tokenizer
-from vim_core.tokenizer.metrics import codebook_usage, psnr
 from vim_core.train.tracking import save_image
 from vim_core.transformer.export import load_transformer
 from vim_core.transformer.gpt import VIM
@@ -121,7 +120,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     baselines, out["definitions"]["baselines"] = _baselines(params, tokenizer, train_x, test_x, dm, seed)
     out.update(baselines)
     t = time.monotonic()
-    recon_metrics, out["definitions"]["reconstruction"], test_tokens, recon = _reconstruction(
+    recon_metrics, out["definitions"]["reconstruction"], test_tokens, recon = reconstruction_metrics(
         tokenizer, test_x, dm
     )
     out.update(recon_metrics)
@@ -160,31 +159,6 @@ def _baselines(params: Params, tokenizer: Tokenizer, train_x, test_x, dm, seed: 
         "frequencies, vs the test split (ceiling)",
     }
     return metrics, definitions
-
-
-def _reconstruction(
-    tokenizer: Tokenizer, test_x: np.ndarray, dm
-) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-    """rFID, PSNR, SSIM and codebook usage on the test split, with the tokens and reconstructions."""
-    n_ref = len(test_x)
-    phase("evaluate", "reconstruction", f"{n_ref} test images")
-    test_tokens = tokenizer.encode_uint8(test_x)
-    recon = tokenizer.decode_uint8(test_tokens)
-    metrics = {"rfid_domain": dm(recon, test_x)["fid_domain"]}
-    x01 = torch.from_numpy(test_x).float() / 255
-    r01 = torch.from_numpy(recon).float() / 255
-    metrics["psnr"] = round(float(psnr(r01, x01)), 3)
-    metrics["ssim"] = round(ssim(recon, test_x), 4)
-    metrics["codebook_usage"] = round(codebook_usage(test_tokens, tokenizer.codebook_size, 256), 4)
-    definitions = {
-        "images": n_ref,
-        "split": "test",
-        "rfid_domain": "reconstructions vs originals of the test split, domain extractor",
-        "codebook_usage": "fraction of codes used per batch of 256 test images, averaged over full batches",
-        "psnr": "per image on [0, 1] pixels, averaged",
-        "ssim": "Gaussian window 11, sigma 1.5, averaged",
-    }
-    return metrics, definitions, test_tokens, recon
 
 
 def _write_grids(plots: Path, grids: dict | None, test_x, recon, num_classes: int) -> None:

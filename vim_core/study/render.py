@@ -59,6 +59,7 @@ def render_markdown(report: dict, spec: StudySpec) -> str:
         row += [str(report["paper"][a].get(m.key, "-")) for a in paper_arms]
         lines.append("| " + " | ".join(row) + " |")
     lines += _comparison_lines(report, spec)
+    lines += _scaling_lines(report)
     lines += _sampling_lines(report)
     lines += _budget_lines(report)
     lines += ["", "Arms:", ""]
@@ -96,6 +97,61 @@ def _comparison_lines(report: dict, spec: StudySpec) -> list[str]:
         for key, c in pair["metrics"].items():
             ci = c["ci_note"] if c["ci95"] is None else f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
             lines.append(f"| {labels[key]} | {c['diff']:+.3f} | {ci} | {c['verdict'] or '-'} |")
+    return lines
+
+
+def _scaling_lines(report: dict) -> list[str]:
+    sc = report.get("scaling")
+    if not sc:
+        return []
+    if "skipped" in sc:
+        return ["", f"Scaling fit: skipped ({sc['skipped']})."]
+    lines = [
+        "",
+        f"Scaling: `{sc['metric']}` against `{sc['x']}`, fitted per series as {sc['form']} "
+        f"(x_ref = {sc['x_ref']:.3g}); {sc['method']}.",
+        "",
+        "| series | a | b (exponent) | floor | RMSE |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in sc["series"].items():
+        f = entry["fit"]
+        if f is None:
+            lines.append(f"| {name} | fit failed | | | |")
+            continue
+        cell = {k: f"{f[k]:.3g} [{f['ci95'][k][0]:.3g}, {f['ci95'][k][1]:.3g}]" for k in ("a", "b", "floor")}
+        lines.append(f"| {name} | {cell['a']} | {cell['b']} | {cell['floor']} | {f['rmse']:.3g} |")
+    a, b = list(sc["series"])[:2]
+    lines += ["", f"Measured gap {a} − {b} at each budget (Welch 95% interval where both have 2+ seeds):", ""]
+    lines += ["| budget (FLOPs) | arms | gap | 95% CI |", "|---|---|---|---|"]
+    for g in sc["gap"]:
+        ci = "n/a (1 seed)" if g["ci"] is None else f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+        lines.append(f"| {g['x_mean']:.3g} | {' − '.join(g['arms'])} | {g['diff']:+.3f} | {ci} |")
+    t = sc.get("trend")
+    if t:
+        ci = t["lead_change_ci95"]
+        cr = t["crossing"]
+        lines += [
+            "",
+            f"The fitted lead of `{t['leader_at_x_min']}` is {t['lead_at_x_min']:.3g} at {t['x_min']:.3g} "
+            f"FLOPs and {t['lead_at_x_max']:.3g} at {t['x_max']:.3g}: a change of {t['lead_change']:+.3g} "
+            f"(95% interval {'n/a' if ci is None else f'[{ci[0]:+.3g}, {ci[1]:+.3g}]'}). **Verdict: "
+            f"{t['verdict']}.**",
+            "",
+        ]
+        where = f"{cr['searched'][0]:.3g} to {cr['searched'][1]:.3g} FLOPs"
+        if cr["fitted_at"] is None:
+            lines.append(f"The fitted curves do not cross from {where}.")
+        else:
+            extra = " (an extrapolation beyond the largest budget)" if cr["extrapolated"] else ""
+            lines.append(f"The fitted curves cross at {cr['fitted_at']:.3g} FLOPs{extra}.")
+        if cr["bootstrap_share"] is not None:
+            bci = cr["bootstrap_ci95"]
+            lines[-1] += (
+                f" {cr['bootstrap_share']:.0%} of the bootstrap fit pairs cross in that span"
+                + ("" if bci is None else f", at [{bci[0]:.3g}, {bci[1]:.3g}] FLOPs (95%)")
+                + "."
+            )
     return lines
 
 
@@ -188,6 +244,58 @@ def render_plot(report: dict, spec: StudySpec, path: Path) -> bool:
     return True
 
 
+def render_scaling(report: dict, spec: StudySpec, path: Path) -> bool:
+    """One panel per metric against the compute axis (log scale): seeds as dots, means joined, the fit drawn."""
+    sc = report.get("scaling")
+    if not sc or "series" not in sc:
+        return False
+    from vim_core.study.scaling import power_floor
+
+    shown = [m for m in spec.metrics if m.key != "train_seconds"][:8]
+    plt = _pyplot()
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, shown, strict=False):
+        for i, (name, arms) in enumerate(spec.scaling.series.items()):
+            pts = [
+                (report["arms"][a]["scaling_x"], report["arms"][a]["metrics"].get(m.key))
+                for a in arms
+                if a in report["arms"] and "scaling_x" in report["arms"][a]
+            ]
+            pts = [(x, y) for x, y in pts if y]
+            if not pts:
+                continue
+            for x, y in pts:
+                ax.scatter(x["values"], y["values"], color=f"C{i}", s=12, zorder=3)
+            ax.plot(
+                [x["mean"] for x, _ in pts], [y["mean"] for _, y in pts], color=f"C{i}", alpha=0.5, label=name
+            )
+            fit = (sc["series"].get(name) or {}).get("fit")
+            if m.key == sc["metric"] and fit:
+                import numpy as np
+
+                grid = np.geomspace(pts[0][0]["mean"] / 1.5, pts[-1][0]["mean"] * 1.5, 100)
+                ax.plot(
+                    grid,
+                    power_floor(grid, fit["a"], fit["b"], fit["floor"], sc["x_ref"]),
+                    "--",
+                    color=f"C{i}",
+                    label=f"{name} fit (b={fit['b']:.2g}, floor={fit['floor']:.2g})",
+                )
+        ax.set_xscale("log")
+        arrow = {"lower": " ↓", "higher": " ↑", None: ""}[m.better]
+        ax.set_title((m.label or m.key) + arrow, fontsize=8)
+        ax.set_xlabel(spec.scaling.x.label or spec.scaling.x.key, fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    fig.suptitle(report["title"] + " (dots: seeds; line: mean; dashed: fit)", fontsize=9)
+    _save_figure(fig, path)
+    return True
+
+
 def curves(spec: StudySpec) -> dict[str, list[tuple[int, MetricSpec]]]:
     """Metrics indexed by position (`probe_test_accuracy_by_block.2`), grouped into curves by their prefix."""
     out: dict[str, list[tuple[int, MetricSpec]]] = {}
@@ -254,6 +362,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / f"{spec.name}.md", render_markdown(report, spec))
-    render_plot(report, spec, out_dir / f"{spec.name}.png")
+    if not render_scaling(report, spec, out_dir / f"{spec.name}.png"):
+        render_plot(report, spec, out_dir / f"{spec.name}.png")
     render_curves(report, spec, out_dir / f"{spec.name}_curves.png")
     return report

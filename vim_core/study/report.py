@@ -14,6 +14,7 @@ from vim_core.study.stats import LEVEL, METHOD, compare_arms, pairs, summarize
 
 METRIC_FILES = {
     "tokenizer": "metrics/tokenizer.json",
+    "tokenizer_eval": "metrics/tokenizer_eval.json",
     "transformer": "metrics/transformer.json",
     "eval": "metrics/eval.json",
 }
@@ -62,13 +63,19 @@ def _arm(spec: StudySpec, arm: str, runs: list, exps: dict) -> dict:
         values = [lookup(pm.get(METRIC_FILES[m.source]) or {}, m.key) for pm in per_run]
         if values and all(is_number(v) for v in values):
             metrics[m.key] = summarize([float(v) for v in values])
+    if spec.scaling is not None:
+        x = spec.scaling.x
+        xs = [lookup(pm.get(METRIC_FILES[x.source]) or {}, x.key) for pm in per_run]
+        scaling_x = summarize([float(v) for v in xs]) if xs and all(is_number(v) for v in xs) else None
     budget = {}
-    for source in ("tokenizer", "transformer"):
+    # A study that stops early reads only what its stages wrote: the rest is the baseline's files.
+    made = spec.sources()
+    for source in [s for s in ("tokenizer", "transformer") if s in made]:
         for key in ("train_flops", "steps", "flops_per_step"):
             values = [(pm.get(METRIC_FILES[source]) or {}).get(key) for pm in per_run]
             if values and all(is_number(v) for v in values):
                 budget[f"{source}_{key}"] = summarize([float(v) for v in values])
-    evals = [pm.get(METRIC_FILES["eval"]) or {} for pm in per_run]
+    evals = [pm.get(METRIC_FILES["eval"]) or {} for pm in per_run] if "eval" in made else []
     sampling = {k: [e.get(k) for e in evals] for k in CHOSEN if any(k in e for e in evals)}
     chosen_on = sorted({str(s) for e in evals if (s := lookup(e, "definitions.generation.settings"))})
     tok = [pm.get(METRIC_FILES["tokenizer"]) or {} for pm in per_run]
@@ -86,6 +93,7 @@ def _arm(spec: StudySpec, arm: str, runs: list, exps: dict) -> dict:
         "budget": budget,
         "sampling": {"per_seed": sampling, "chosen_on": chosen_on},
         "metrics": metrics,
+        **({"scaling_x": scaling_x} if spec.scaling is not None and scaling_x else {}),
     }
 
 
@@ -115,6 +123,7 @@ def build_report(
         "missing_runs": missing,
         "arms": arms,
         "comparison": comparison(spec, arms, compare),
+        "scaling": scaling(spec, arms),
         "paper": spec.paper,
         "notes": spec.notes,
     }
@@ -128,6 +137,28 @@ def comparison(spec: StudySpec, arms: dict, compare: list[str]) -> dict:
         values = {arm: {k: s["values"] for k, s in arms[arm]["metrics"].items()} for arm in (a, b)}
         out.append({"a": a, "b": b, "metrics": compare_arms(a, b, values[a], values[b], directions)})
     return {"method": METHOD, "level": LEVEL, "pairs": out} if out else {}
+
+
+def scaling(spec: StudySpec, arms: dict) -> dict | None:
+    """The compute-scaling fit (vim_core.study.scaling) over the series whose every arm has finished."""
+    if spec.scaling is None:
+        return None
+    from vim_core.study.scaling import analyse
+
+    x, key = spec.scaling.x, spec.scaling.fit
+    series = {}
+    for name, names in spec.scaling.series.items():
+        points = []
+        for arm in names:
+            data = arms.get(arm) or {}
+            if "scaling_x" not in data or key not in data["metrics"]:
+                break
+            points.append({"arm": arm, "x": data["scaling_x"]["values"], "y": data["metrics"][key]["values"]})
+        else:
+            series[name] = points
+    if len(series) < 2:
+        return {"skipped": "fewer than two series have every budget finished"}
+    return {"x": x.key, "x_source": x.source, "metric": key, **analyse(series)}
 
 
 def machine() -> str:

@@ -14,6 +14,7 @@ from vim_core.config import apply_overrides, parse_params
 from vim_core.data.prepare import prepare
 from vim_core.eval.classifier_stage import fit_classifiers
 from vim_core.eval.generation import CHOICE_KEYS
+from vim_core.eval.reconstruction import evaluate_tokenizer
 from vim_core.eval.report import eval_config_hash, eval_config_spec, evaluate
 from vim_core.io import spec_hash
 from vim_core.train.transformer_trainer import train_transformer
@@ -42,6 +43,11 @@ def eval_params(stage2):  # noqa: F811
 
 def test_evaluate_reports_every_metric_with_its_definition(eval_params, tmp_path):
     out = evaluate(eval_params, plots_dir=tmp_path)
+    # The tokenizer-only step (stage evaluate_tokenizer) gives the same reconstruction rows.
+    alone = evaluate_tokenizer(eval_params)
+    for key in ("rfid_domain", "psnr", "ssim", "codebook_usage"):
+        assert alone[key] == out[key], key
+    assert alone["definitions"]["reconstruction"]["split"] == "test" and alone["rfid_domain"] > 0
     for key in (
         "fid_domain",
         "kid_domain",
