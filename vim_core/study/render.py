@@ -284,6 +284,9 @@ def render_scaling(report: dict, spec: StudySpec, path: Path) -> bool:
                     label=f"{name} fit (b={fit['b']:.2g}, floor={fit['floor']:.2g})",
                 )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # only the decades are labelled
+        if m.key == sc["metric"]:
+            ax.set_yscale("log")  # a power law towards a floor reads best on log-log axes
         arrow = {"lower": " ↓", "higher": " ↑", None: ""}[m.better]
         ax.set_title((m.label or m.key) + arrow, fontsize=8)
         ax.set_xlabel(spec.scaling.x.label or spec.scaling.x.key, fontsize=7)
