@@ -51,7 +51,7 @@ def _exps(spec, rng) -> dict:
     truth = {"vit": (8.0, 0.6, 5.0), "cnn": (6.0, 0.6, 2.0)}
     exps = {}
     for run in spec.runs():
-        arch, tag = run.arm.split("-")
+        arch, tag = run.arm.split("-")[0], run.arm.rsplit("-", 1)[1]
         m = float(tag[1:].replace("_", "."))
         rfid = float(power_floor(m, *truth[arch], 1.0) + rng.normal(0, 0.1))
         exps[run.name] = {
@@ -82,7 +82,7 @@ def _exps(spec, rng) -> dict:
 
 def test_the_tokenizer_scaling_report(tmp_path: Path):
     spec = load_study(REPO / "studies" / "tokenizer_scaling.yaml", REPO / "params.yaml")
-    assert len(spec.runs()) == 14 and all(
+    assert len(spec.runs()) == 16 and all(
         r.stages == ["train_tokenizer", "evaluate_tokenizer"] for r in spec.runs()
     )
     report = write_report(
