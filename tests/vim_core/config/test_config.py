@@ -185,7 +185,9 @@ def test_check_params_agrees_with_dvc_yaml(tmp_path):
     assert res.returncode == 2, res.stdout
     assert res.stderr.strip().splitlines() == [
         f"error: {partial}: evaluate.classifier: missing; dvc.yaml's stage train_classifier reads it",
-        f"error: {partial}: evaluate.classifier_dir: missing; dvc.yaml's stage train_classifier reads it",
+        f"error: {partial}: evaluate.classifier_dir: missing; dvc.yaml's stage train_classifier, "
+        "evaluate_tokenizer reads it",
+        f"error: {partial}: evaluate.kid_subset_size: missing; dvc.yaml's stage evaluate_tokenizer reads it",
         f"error: {partial}: evaluate: missing; dvc.yaml's stage evaluate reads it",
         f"error: {partial}: transformer.sampling: missing; dvc.yaml's stage evaluate reads it",
     ]
