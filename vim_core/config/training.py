@@ -41,7 +41,8 @@ class TrainLoopConfig(StrictModel):
     select: Literal["best_val", "last"] = Field(
         default="best_val",
         description="which weights to export: those with the lowest val loss among the checkpoints "
-        "(a small dataset overfits long before the last step), or the last step's",
+        "(a small dataset overfits long before the last step; the tokenizer chooses among those trained under "
+        "its GAN), or the last step's",
     )
     val_examples: int = Field(
         default=256,

@@ -200,25 +200,32 @@ class BestVal:
 
     Stateful: its state dict holds the best weights under `weights.NAME`, and the curve as tensors, so
     a run killed and resumed exports the same bytes as an uninterrupted one.
+
+    `after_step`: only checkpoints past this step may be chosen (the whole curve is still kept). A
+    tokenizer's val loss scores reconstruction alone, and its GAN raises that loss when it starts, so
+    weights from before the GAN would always win against weights trained on the full objective.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, after_step: int = 0):
         state = vdist.unwrap(module).state_dict()
         self.weights = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+        self.after_step = int(after_step)
         self.steps: list[int] = []
         self.losses: list[float] = []
 
     @property
     def best(self) -> tuple[int, float] | None:
-        """(step, val loss) of the lowest val loss; the earliest step wins a tie."""
-        if not self.losses:
+        """(step, val loss) of the lowest eligible val loss; the earliest step wins a tie."""
+        eligible = [j for j, s in enumerate(self.steps) if s > self.after_step]
+        if not eligible:
             return None
-        i = min(range(len(self.losses)), key=lambda j: (self.losses[j], j))
+        i = min(eligible, key=lambda j: (self.losses[j], j))
         return self.steps[i], self.losses[i]
 
     def record(self, step: int, loss: float, module: nn.Module) -> None:
         """Add a point to the curve, and keep the module's weights if it is the new best."""
-        improved = self.best is None or loss < self.best[1]
+        best = self.best
+        improved = step > self.after_step and (best is None or loss < best[1])
         self.steps.append(int(step))
         self.losses.append(float(loss))
         if improved:
@@ -290,4 +297,8 @@ def select_weights(select: str, best: BestVal, module: nn.Module) -> str:
     if select == "best_val" and best.best is not None:
         best.copy_to(module)
         return f"best_val (step {best.best[0]})"
-    return "last" if select == "last" else "last (no val split to choose on)"
+    if select == "last":
+        return "last"
+    if best.steps:
+        return f"last (no checkpoint past step {best.after_step} to choose among)"
+    return "last (no val split to choose on)"

@@ -194,7 +194,9 @@ def train_tokenizer(
     if ema is not None:
         modules["ema"] = ema
 
-    best = run.BestVal(model)
+    # Choose only among weights trained on the full objective: from the GAN's first step on.
+    gan_from = cfg.loss.adversarial_start_step if disc is not None else 0
+    best = run.BestVal(model, after_step=gan_from if gan_from < budget.steps else 0)
     modules["best_val"] = best
     has_val = run.val_split(manifest) is not None
     fp = tokenizer_fingerprint(cfg, manifest.get("version", ""), seed)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from vim_core.config.pipeline import TransformerSection
 from vim_core.data.shards import ShardWriter
 from vim_core.train.checkpoint import list_checkpoints
+from vim_core.train.run import BestVal
 from vim_core.train.transformer_trainer import train_transformer
 from vim_core.transformer.export import load_transformer
 
@@ -75,3 +76,19 @@ def test_export_is_the_best_val_checkpoint_on_an_overfit_run(tmp_path):
     assert last.metrics["best_val_step"] == m["best_val_step"]
     weights = exported(last.model_path)
     assert all(torch.equal(weights[k], at_last[k]) for k in at_last)
+
+
+def test_only_checkpoints_past_after_step_can_be_chosen():
+    """A tokenizer's GAN raises its reconstruction-only val loss when it starts: the pre-GAN low must not win."""
+    module = torch.nn.Linear(2, 2)
+    best = BestVal(module, after_step=100)
+    for step, loss in ((50, 0.5), (100, 0.4), (150, 0.9), (200, 0.7), (250, 0.8)):
+        with torch.no_grad():
+            module.weight.fill_(step)
+        best.record(step, loss, module)
+    assert best.best == (200, 0.7) and best.metrics()["best_val_step"] == 200
+    assert best.steps == [50, 100, 150, 200, 250]  # the whole curve is kept for the plot
+    target = torch.nn.Linear(2, 2)
+    best.copy_to(target)
+    assert torch.all(target.weight == 200)
+    assert BestVal(module, after_step=300).best is None

@@ -76,6 +76,20 @@ def test_train_evaluate_export(prepared, tmp_path):
     assert torch.equal(reloaded.encode(x), run.model.encode(x))
 
 
+def test_the_export_is_chosen_among_gan_trained_checkpoints(prepared, tmp_path):
+    """With the GAN starting at step 4 of 12, the val curve has steps 4, 8 and 12, but the export is 8 or 12."""
+    raw = micro_params(prepared)
+    raw["tokenizer"]["loss"]["adversarial_start_step"] = 4
+    raw["tokenizer"]["out_dir"] = str(tmp_path / "model")
+    raw["tokenizer"]["checkpoint_dir"] = str(tmp_path / "ckpt")
+    params = parse_params(raw)
+    m = train_tokenizer(params.tokenizer, params.data.out_dir, seed=params.seed, plots_dir=tmp_path).metrics
+    val_csv = (tmp_path / "tokenizer_val_loss.csv").read_text().splitlines()[1:]
+    val = {int(r.split(",")[0]): float(r.split(",")[1]) for r in val_csv}
+    assert sorted(val) == [4, 8, 12] and m["best_val_step"] in (8, 12)
+    assert abs(m["best_val_loss"] - min(val[8], val[12])) < 1e-4
+
+
 def test_the_vqgan_vanilla_arm_trains(prepared, tmp_path):
     """studies/generation.yaml's vqgan-vanilla tokenizer settings validate and train: the paper's vanilla
     VQGAN (CNN, full-dimension unnormalized codes, normal init, no restarts, one learning rate)."""
