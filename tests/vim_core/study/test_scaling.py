@@ -82,7 +82,7 @@ def _exps(spec, rng) -> dict:
 
 def test_the_tokenizer_scaling_report(tmp_path: Path):
     spec = load_study(REPO / "studies" / "tokenizer_scaling.yaml", REPO / "params.yaml")
-    assert len(spec.runs()) == 16 and all(
+    assert len(spec.runs()) == 14 and all(
         r.stages == ["train_tokenizer", "evaluate_tokenizer"] for r in spec.runs()
     )
     report = write_report(
