@@ -192,11 +192,14 @@ def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
     pinned = {"evaluate.cfg_scale", "evaluate.sampling_search", "transformer.sampling.batch_size"}
     assert not any(pinned & set(r.overrides) for r in spec.runs())
     assert spec.overrides["evaluate.probes"] is False
+    assert not any(k.startswith("transformer.train") for r in spec.runs() for k in r.overrides)  # default VIM
     conditional = {m.key for m in spec.metrics if m.conditional}
     assert {"fid_domain", "fid_domain_rejection", "class_accuracy", "chosen_cfg_scale"} <= conditional
     assert all("cfg 3" not in (m.label or "") for m in spec.metrics)
     rep = StudySpec.model_validate(yaml.safe_load((REPO / "studies" / "representation.yaml").read_text()))
     assert rep.overrides["evaluate.sampling"] is False and "evaluate.cfg_scale" not in rep.overrides
+    budgets = {r.arm: r.overrides.get("transformer.train.flops") for r in rep.runs()}
+    assert budgets["vim"] == budgets["igpt"] > 0 and sum(r.arm == "igpt" for r in rep.runs()) >= 4
 
 
 def test_a_partial_report_before_any_run_finished_is_written(tmp_path: Path):
