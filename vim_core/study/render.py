@@ -145,6 +145,9 @@ def _scaling_lines(report: dict) -> list[str]:
         else:
             extra = " (an extrapolation beyond the largest budget)" if cr["extrapolated"] else ""
             lines.append(f"The fitted curves cross at {cr['fitted_at']:.3g} FLOPs{extra}.")
+            later = cr.get("all_fitted", [])[1:]
+            if later:
+                lines[-1] += " They cross again at " + ", ".join(f"{c:.3g}" for c in later) + " FLOPs."
         if cr["bootstrap_share"] is not None:
             bci = cr["bootstrap_ci95"]
             lines[-1] += (
@@ -152,6 +155,20 @@ def _scaling_lines(report: dict) -> list[str]:
                 + ("" if bci is None else f", at [{bci[0]:.3g}, {bci[1]:.3g}] FLOPs (95%)")
                 + "."
             )
+        if t.get("fitted_at_budgets"):
+            lines += ["", f"Fitted {a} − {b} and {a} / {b} at each budget (95% bootstrap intervals):", ""]
+            lines += [
+                "| budget (FLOPs) | fitted gap | 95% CI | fitted ratio | 95% CI |",
+                "|---|---|---|---|---|",
+            ]
+            for f in t["fitted_at_budgets"]:
+                gci, rci = f["gap_ci95"], f["ratio_ci95"]
+                ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.3g}"
+                lines.append(
+                    f"| {f['x']:.3g} | {f['gap']:+.3g} | [{gci[0]:+.3g}, {gci[1]:+.3g}] | {ratio} | "
+                    + ("n/a" if rci is None else f"[{rci[0]:.3g}, {rci[1]:.3g}]")
+                    + " |"
+                )
     return lines
 
 

@@ -10,7 +10,10 @@ For the first two series (A, B) the report gives:
 - whether the leading arm's lead (at the smallest budget) shrinks or grows up to the largest budget, as the
   fitted change with its bootstrap interval and a verdict;
 - where the fits cross, if they do between the smallest budget and 16x the largest (beyond the largest,
-  an extrapolation), with the share of bootstrap fits that cross and their crossing FLOPs' interval.
+  an extrapolation), with the share of bootstrap fits that cross and their crossing FLOPs' interval;
+- the fitted gap A - B and ratio A / B at each budget, with bootstrap intervals: where the metric spans
+  decades (rFID from 100 to 1), a lead of a few points at the top budget is a large ratio, and a lead in
+  points measured at the smallest budget is within that budget's noise.
 """
 
 import math
@@ -62,6 +65,12 @@ def _interval(values) -> list[float] | None:
     return (
         None if values.size == 0 else [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
     )
+
+
+def crossings(grid: np.ndarray, gap: np.ndarray) -> list[float]:
+    """Every x of the grid where the gap's sign differs from its sign at the previous grid point."""
+    signs = np.sign(gap)
+    return [float(grid[i]) for i in range(1, len(grid)) if signs[i] != signs[i - 1] and signs[i - 1] != 0]
 
 
 def first_crossing(grid: np.ndarray, gap: np.ndarray) -> float | None:
@@ -132,16 +141,17 @@ def _trend(series: dict, names: list[str], fits: dict, boots: dict, x_ref: float
     lead = np.sign(gaps(fits[a], fits[b], x_min))  # +1: B is lower at the smallest budget
     change = float(lead * (gaps(fits[a], fits[b], x_max) - gaps(fits[a], fits[b], x_min)))
     n = min(len(boots[a]), len(boots[b]))
-    changes, crossings = [], []
+    changes, crossings_boot = [], []
     for pa, pb in zip(boots[a][:n], boots[b][:n], strict=True):
         changes.append(lead * (gaps(pa, pb, x_max) - gaps(pa, pb, x_min)))
-        crossings.append(first_crossing(grid, gaps(pa, pb, grid)) if lead != 0 else None)
+        crossings_boot.append(first_crossing(grid, gaps(pa, pb, grid)) if lead != 0 else None)
+    budgets = [summarize(pa["x"] + pb["x"])["mean"] for pa, pb in zip(series[a], series[b], strict=True)]
     ci = _interval(changes)
     if ci is None or ci[0] <= 0 <= ci[1]:
         verdict = "not distinguishable: the change of the lead's size has an interval that includes 0"
     else:
         verdict = "the lead shrinks with compute" if ci[1] < 0 else "the lead grows with compute"
-    crossed = [c for c in crossings if c is not None]
+    crossed = [c for c in crossings_boot if c is not None]
     point = first_crossing(grid, gaps(fits[a], fits[b], grid)) if lead != 0 else None
     return {
         "x_min": x_min,
@@ -158,5 +168,25 @@ def _trend(series: dict, names: list[str], fits: dict, boots: dict, x_ref: float
             "extrapolated": point is not None and point > x_max,
             "bootstrap_share": len(crossed) / n if n else None,
             "bootstrap_ci95": _interval(crossed),
+            "all_fitted": crossings(grid, gaps(fits[a], fits[b], grid)),
         },
+        "fitted_at_budgets": [_fitted_pair(fits, boots, (a, b), x, x_ref, n) for x in budgets],
+    }
+
+
+def _fitted_pair(fits: dict, boots: dict, names: tuple[str, str], x: float, x_ref: float, n: int) -> dict:
+    """The fitted A - B and A / B at one budget, each with its 95% bootstrap interval."""
+    a, b = names
+    ya, yb = power_floor(x, *fits[a], x_ref), power_floor(x, *fits[b], x_ref)
+    ba = np.array([power_floor(x, *p, x_ref) for p in boots[a][:n]])
+    bb = np.array([power_floor(x, *p, x_ref) for p in boots[b][:n]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = ba / bb
+    ratio = float(ya / yb) if yb > 0 else None
+    return {
+        "x": float(x),
+        "gap": float(ya - yb),
+        "gap_ci95": _interval(ba - bb),
+        "ratio": ratio,
+        "ratio_ci95": _interval(ratios[np.isfinite(ratios)]),
     }

@@ -10,7 +10,7 @@ from PIL import Image
 
 from vim_core.config.study import load_study
 from vim_core.study.render import write_report
-from vim_core.study.scaling import analyse, first_crossing, power_floor
+from vim_core.study.scaling import analyse, crossings, first_crossing, power_floor
 
 REPO = Path(__file__).resolve().parents[3]
 BUDGETS = [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -38,6 +38,11 @@ def test_the_fit_recovers_a_power_law_with_a_floor():
     assert t["verdict"] == "the lead shrinks with compute"
     assert t["crossing"]["fitted_at"] is None and t["crossing"]["bootstrap_share"] < 0.05
     assert [g["ci"] is None for g in got["gap"]] == [True, True, False, True, False]
+    # The fitted gap and ratio at each budget: a at 4x is 4 + 6 * 4**-0.7 = 6.27, b is 2 + 3 * 4**-0.7 = 3.14.
+    at_4x = t["fitted_at_budgets"][-1]
+    assert at_4x["x"] == pytest.approx(4e13) and at_4x["gap"] == pytest.approx(3.14, abs=0.2)
+    assert at_4x["ratio"] == pytest.approx(2.0, abs=0.1) and at_4x["ratio_ci95"][0] > 1.5
+    assert t["crossing"]["all_fitted"] == []
 
 
 def test_curves_that_cross_give_where():
@@ -45,6 +50,12 @@ def test_curves_that_cross_give_where():
     gap = power_floor(grid, 10.0, 0.5, 1.0, 1.0) - power_floor(grid, 5.0, 0.5, 3.0, 1.0)  # equal at x = 6.25
     assert first_crossing(grid, gap) == pytest.approx(6.25, rel=0.02)
     assert first_crossing(grid, np.ones_like(grid)) is None
+    # A curve that dips under the other and back above: both crossings are listed, in order.
+    twice = (np.log(grid) - np.log(3.0)) * (np.log(grid) - np.log(30.0))
+    got = crossings(grid, twice)
+    assert (
+        len(got) == 2 and got[0] == pytest.approx(3.0, rel=0.02) and got[1] == pytest.approx(30.0, rel=0.02)
+    )
 
 
 def _exps(spec, rng) -> dict:
@@ -82,14 +93,14 @@ def _exps(spec, rng) -> dict:
 
 def test_the_tokenizer_scaling_report(tmp_path: Path):
     spec = load_study(REPO / "studies" / "tokenizer_scaling.yaml", REPO / "params.yaml")
-    assert len(spec.runs()) == 14 and all(
+    assert len(spec.runs()) == 18 and all(
         r.stages == ["train_tokenizer", "evaluate_tokenizer"] for r in spec.runs()
     )
     report = write_report(
         spec, _exps(spec, np.random.default_rng(1)), "studies/tokenizer_scaling.yaml", tmp_path
     )
     vit = report["arms"]["vit-x4"]
-    assert vit["seeds"] == [0, 1] and vit["scaling_x"]["mean"] == pytest.approx(4 * 1.15e13)
+    assert vit["seeds"] == [0, 1, 2] and vit["scaling_x"]["mean"] == pytest.approx(4 * 1.15e13)
     assert "transformer_train_flops" not in vit["budget"] and vit["sampling"]["per_seed"] == {}
     assert 7 < vit["metrics"]["rfid_domain"]["mean"] < 9  # from tokenizer_eval.json, not eval.json's 7.1
     sc = report["scaling"]
