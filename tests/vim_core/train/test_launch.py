@@ -101,7 +101,15 @@ STAGE = textwrap.dedent(
 
 
 def _ranks_of(stage: psutil.Process) -> list[psutil.Process]:
-    return [p for p in stage.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    """The stage's spawned ranks; a short-lived helper that exits (or is a zombie) while listed is skipped."""
+    ranks = []
+    for p in stage.children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                ranks.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return ranks
 
 
 def test_killed_stage_leaves_no_rank(tmp_path):
