@@ -32,3 +32,14 @@ def run_flow_cli(validate: Callable[[], object], run: Callable[[], object]) -> i
     except VimError as err:
         return 1 if report(err) != 2 else 2
     return 0
+
+
+def run_logger(fallback):
+    """The Prefect run's logger inside a flow or task (shown by the CLI and the UI), else `fallback`."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return fallback

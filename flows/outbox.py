@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +54,9 @@ def outbox_dir() -> Path:
 
 @dataclass
 class _Call:
-    fn: Callable[..., object]  # fn(client, *files)
+    op: tuple[str, dict]  # (name, arguments), as apply_op takes them: data, so it can be persisted
     files: tuple[str, ...]
     what: str
-    op: tuple[str, dict] | None = None  # the same call as data (op name, arguments), so it can be persisted
 
 
 def apply_op(client, run_id: str, name: str, args: dict, files: tuple[str, ...]) -> None:
@@ -97,7 +95,6 @@ class Outbox:
         self._next_probe = 0.0
         self._spool: Path | None = None
         self.persisted: Path | None = None  # where close() kept what the server did not take
-        self.unpersisted = 0  # held calls without a description as data: lost when the process ends
 
     @property
     def client(self):
@@ -109,22 +106,16 @@ class Outbox:
     def pending(self) -> int:
         return len(self._queue)
 
-    def send(
-        self, fn: Callable[..., object] | None, *files: str, what: str = "call", op: tuple | None = None
-    ) -> None:
-        """Call fn(client, *files) now, or queue it behind calls the server has not taken yet. With `op`
-        (name, arguments; see apply_op) and no fn, the call is made from its description, and a held one
-        can be persisted when the stage ends before the server is back."""
-        if fn is None:
-            name, args = op
-            fn = lambda c, *f: apply_op(c, self.run_id, name, args, f)  # noqa: E731
+    def send(self, what: str, op: tuple[str, dict], *files: str) -> None:
+        """Make the call `op` (name, arguments; see apply_op) now, or queue it behind calls the server has
+        not taken yet; `what` names it in log lines."""
         with self._lock:
             if self._queue:
-                self._queue.append(self._held(fn, files, what, op))
+                self._queue.append(self._held(op, files, what))
                 self._replay_if_due()
                 return
             try:
-                self._call(fn, files)
+                self._call(op, files)
             except Exception as err:
                 if not mlflow_run.is_outage(err, self.uri):
                     raise
@@ -134,13 +125,13 @@ class Outbox:
                     what,
                     _first_line(err),
                 )
-                self._queue.append(self._held(fn, files, what, op))
+                self._queue.append(self._held(op, files, what))
                 self._next_probe = time.monotonic() + PROBE_EVERY
 
     def close(self, within: float | None = None) -> int:
         """Deliver what waits, retrying with backoff for `within` seconds (VIM_TRACKING_FLUSH); return the
         number of calls not delivered. Those are persisted under outbox_dir() for a later replay (see
-        self.persisted and self.unpersisted); the spooled copies are dropped either way."""
+        self.persisted); the spooled copies are dropped either way."""
         if within is None:
             within = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)
         with self._lock:
@@ -154,7 +145,7 @@ class Outbox:
                 time.sleep(pause)
             left = len(self._queue)
             if left:
-                self.persisted, self.unpersisted = self._persist()
+                self.persisted = self._persist()
             self._queue.clear()
             if self._spool is not None:
                 shutil.rmtree(self._spool, ignore_errors=True)
@@ -163,33 +154,27 @@ class Outbox:
                 _open.pop(self.run_id, None)
             return left
 
-    def _call(self, fn, files) -> None:
+    def _call(self, op: tuple[str, dict], files) -> None:
         """One quick try, and a second one at once if the connection broke: after a server restart the
         first request may go out on a pooled connection the old server closed."""
-        try:
-            with mlflow_run.quick_http():
-                fn(self.client, *files)
-            return
-        except Exception as err:
-            if not _broken_connection(err):
-                raise
-        with mlflow_run.quick_http():
-            fn(self.client, *files)
+        for last in (False, True):
+            try:
+                with mlflow_run.quick_http():
+                    return apply_op(self.client, self.run_id, *op, files)
+            except Exception as err:
+                if last or not _broken_connection(err):
+                    raise
 
     # ---- the queue
 
-    def _persist(self) -> tuple[Path, int]:
-        """The held calls as JSON lines (and their files) in outbox_dir()/<run id>, written atomically;
-        returns the folder and how many calls could not be kept (made from a bare function)."""
+    def _persist(self) -> Path:
+        """The held calls as JSON lines (and their files) in outbox_dir()/<run id>, written atomically."""
         import numpy as np
 
-        folder, lost = outbox_dir() / f"{self.run_id}{FOLDER_SUFFIX}", 0
+        folder = outbox_dir() / f"{self.run_id}{FOLDER_SUFFIX}"
         with atomic_dir(folder) as tmp:
             lines = []
             for i, call in enumerate(self._queue):
-                if call.op is None:
-                    lost += 1
-                    continue
                 name, args = call.op
                 files = list(call.files)
                 if "pixels" in args:  # an image held in memory: kept as .npy, never pickled
@@ -206,11 +191,11 @@ class Outbox:
             meta = {"run_id": self.run_id, "uri": redact_url(self.uri), "calls": len(lines)}
             (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
             (tmp / "calls.jsonl").write_text("".join(line + "\n" for line in lines))
-        return folder, lost
+        return folder
 
-    def _held(self, fn, files, what, op=None) -> _Call:
+    def _held(self, op, files, what) -> _Call:
         if not files:
-            return _Call(fn, (), what, op)
+            return _Call(op, (), what)
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="vim-mlflow-outbox-"))
         copies = []
@@ -221,7 +206,7 @@ class Outbox:
             else:
                 shutil.copy2(src, dst)
             copies.append(str(dst))
-        return _Call(fn, tuple(copies), what, op)
+        return _Call(op, tuple(copies), what)
 
     def _replay_if_due(self) -> None:
         now = time.monotonic()
@@ -236,7 +221,7 @@ class Outbox:
         while self._queue:
             call = self._queue[0]
             try:
-                self._call(call.fn, call.files)
+                self._call(call.op, call.files)
             except Exception as err:
                 if mlflow_run.is_outage(err, self.uri):
                     break
@@ -290,8 +275,6 @@ def warning_line(box: Outbox, undelivered: int, stage: str | None = None) -> str
     kept = ""
     if box.persisted is not None:
         kept = f"; kept in {box.persisted} for the next stage or `python -m flows.tracking flush`"
-        if box.unpersisted:
-            kept += f" ({box.unpersisted} of them could not be kept and are lost)"
     return (
         f"warning: MLflow tracking server {redact_url(box.uri)} did not answer: {undelivered} "
         f"tracking calls of {of} were not delivered (the run stays RUNNING there){kept}; "
@@ -358,4 +341,4 @@ def set_run_tags(run_id: str | None, tags: dict) -> None:
     if run_id:
         box = outbox(run_id)
         for key, value in mlflow_run.clean_tags(tags).items():
-            box.send(None, what=f"tag {key}", op=("set_tag", {"key": key, "value": value}))
+            box.send(f"tag {key}", ("set_tag", {"key": key, "value": value}))

@@ -10,31 +10,22 @@ failure ends the flow with the stage's one-line error, and the later stages do n
 """
 
 import contextlib
-import os
 import re
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 from prefect import flow, task
 
+from flows import vcs
 from flows.common import EXIT_TRANSIENT
 from flows.flow_cli import failed_on_bad_input, run_flow_cli
 from flows.retry import transient_retries
 from vim_core.errors import TransientError, VimError
-from vim_core.redact import redact_text
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # what `dvc repro` prints for a stage it did not run (the second: restored from its run cache)
 UP_TO_DATE = ("didn't change, skipping", "is cached - skipping run")
 _EXITED = re.compile(r"exited with (\d+)")
-
-
-def dvc() -> str:
-    """This environment's dvc, else the one on PATH."""
-    return str(BIN / "dvc") if (BIN / "dvc").exists() else "dvc"
 
 
 def stage_order(repo: Path = REPO) -> list[str]:
@@ -51,41 +42,11 @@ def stage_order(repo: Path = REPO) -> list[str]:
         return [s.addressing for s in ordered]
 
 
-def child_env() -> dict[str, str]:
-    """This environment with its tools first on PATH, and no DVC analytics."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-
-
-def stream(cmd: list[str], repo: Path, logger, env: dict | None = None) -> tuple[int, list[str]]:
-    """Run cmd in repo (`env` added to child_env()), each output line, redacted, into `logger` as it comes;
-    its exit code and last lines."""
-    tail: deque[str] = deque(maxlen=200)
-    logger.info("$ %s", " ".join(cmd))
-    with subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env={**child_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    ) as proc:
-        for raw in proc.stdout:
-            line = redact_text(raw.rstrip())
-            if line:
-                tail.append(line)
-                logger.info(line)
-    return proc.returncode, list(tail)
-
-
 def failure(stage: str, code: int, lines: list[str]) -> VimError:
     """The stage's one-line error: its own `error:` lines, else DVC's; transient when it exited so."""
-    own = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    theirs = [line for line in lines if line.startswith("ERROR")]
-    cause = "; ".join(own) or (theirs[-1] if theirs else f"dvc repro exited {code}")
     exits = [int(m.group(1)) for line in lines if (m := _EXITED.search(line))]
     kind = TransientError if exits and exits[-1] == EXIT_TRANSIENT else VimError
-    return kind(f"{stage}: {cause}")
+    return kind(f"{stage}: {vcs.cause(lines, f'dvc repro exited {code}')}")
 
 
 @task(**transient_retries())
@@ -94,7 +55,7 @@ def repro(stage: str, repo: Path = REPO) -> str:
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
-    code, lines = stream([dvc(), "repro", "--single-item", stage], repo, logger)
+    code, lines = vcs.stream([vcs.dvc_executable(), "repro", "--single-item", stage], repo, logger)
     if code != 0:
         raise failure(stage, code, lines)
     if any(f"'{stage}' {skip}" in line for line in lines for skip in UP_TO_DATE):

@@ -27,9 +27,9 @@ import httpx
 from prefect import flow, task
 
 from flows import vcs
-from flows.flow_cli import failed_on_bad_input
+from flows.flow_cli import failed_on_bad_input, run_logger
 from flows.mlflow_run import check_reachable, enabled, pipeline_run
-from flows.pipeline import child_env, dvc, pipeline, stream
+from flows.pipeline import pipeline
 from flows.publish import publish_pipeline
 from flows.retry import transient_retries
 from vim_core.config import load_params
@@ -50,22 +50,10 @@ _lost_api: list[str] = []  # set by main(): the Prefect API went away during the
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    """Run a command in the repo, its output line by line into the flow's log; VimError on failure.
-
-    `env` adds to (or overrides) the child environment.
-    """
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        logger = get_run_logger()
-    except MissingContextError:  # called outside a flow run
-        logger = log
-    code, tail = stream(cmd, REPO, logger, env)
+    """Run a command in the repo, its output line by line into the flow's log; VimError on failure."""
+    code, tail = vcs.stream(cmd, REPO, run_logger(log), env)
     if code != 0:
-        errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
-        cause = errors[-1] if errors else (tail[-1] if tail else "no output")
-        raise VimError(f"{what} failed (exit {code}): {cause}")
+        raise VimError(f"{what} failed (exit {code}): {vcs.cause(tail)}")
 
 
 @task(**transient_retries())
@@ -77,7 +65,7 @@ def tracking_ready() -> None:
 @task
 def exp_run(set_params: list[str]) -> None:
     """`dvc exp run -S k=v ...`: a variant, recorded as a DVC experiment (its params stay in the workspace)."""
-    cmd = [dvc(), "exp", "run"]
+    cmd = [vcs.dvc_executable(), "exp", "run"]
     for item in set_params:
         cmd += ["-S", item]
     _run(cmd, "dvc exp run")
@@ -113,7 +101,7 @@ def push_retry_delays() -> list[float]:
 
 def _dvc_config() -> dict[str, str]:
     """The repo's DVC config as `dvc config --list` merges it (a later level, e.g. --local, wins)."""
-    out = vcs.dvc("config", "--list", cwd=REPO, env=child_env())
+    out = vcs.dvc("config", "--list", cwd=REPO, env=vcs.child_env())
     pairs = (line.partition("=") for line in out.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, _, value in pairs}
 
@@ -134,7 +122,7 @@ def push() -> None:
     where = f"dvc push to {config.get(f'remote.{name}.url', name)} at {endpoint}"
     try:
         # botocore's own retries inside one push bounded as for prepare_data; this task retries on top.
-        _run([dvc(), "push"], where, env=s3_retry_env())
+        _run([vcs.dvc_executable(), "push"], where, env=s3_retry_env())
     except VimError as err:
         if _NOT_TRANSIENT.search(str(err)):
             raise

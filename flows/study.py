@@ -24,72 +24,25 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
-import subprocess
 import sys
-from collections import deque
 from pathlib import Path
-from typing import Any
 
-import yaml
 from prefect import flow, task
 
 from flows import vcs
-from flows.flow_cli import run_flow_cli
+from flows.flow_cli import run_flow_cli, run_logger
 from flows.stages import DVC_YAML, all_declared
 from vim_core.config.study import Run, load_study
 from vim_core.errors import VimError
 from vim_core.study.render import check_replaceable, write_report
+from vim_core.study.report import flat_metrics
 
 log = logging.getLogger("vim.study")
 
 
-def _log() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run's logger inside a flow or task (shown by the CLI and the UI), else this module's."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return log
-
-
 # ---- DVC experiments
-
-
-def hydra_value(value: Any) -> str:
-    """A value in the override grammar of `dvc exp run -S` (Hydra's): dicts, lists, null, numbers, text."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    text = str(value)
-    return text if text.replace("-", "").replace("_", "").isalnum() else "'" + text.replace("'", "\\'") + "'"
-
-
-def set_dotted(raw: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
-def expected_params(run: Run, params_path: Path) -> dict:
-    """params.yaml as the run's experiment must record it: the workspace file plus the overrides."""
-    raw = yaml.safe_load(params_path.read_text()) or {}
-    for key, value in run.overrides.items():
-        set_dotted(raw, key, value)
-    return json.loads(json.dumps(raw))
 
 
 def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
@@ -98,7 +51,7 @@ def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
     finished=True keeps only completed ones: `dvc exp show` also lists a running experiment (with its
     baseline's metrics) and a failed one, neither of which is a result.
     """
-    out = vcs.dvc("exp", "show", "--json", cwd=cwd, env=_env())
+    out = vcs.dvc("exp", "show", "--json", cwd=cwd, env=vcs.child_env())
     found: dict[str, dict] = {}
     for baseline in json.loads(out):
         for exp in (baseline.get("experiments") or []) if isinstance(baseline, dict) else []:
@@ -113,12 +66,6 @@ def experiments(cwd: Path, finished: bool = True) -> dict[str, dict]:
     return found
 
 
-def _env(extra: dict | None = None) -> dict[str, str]:
-    from flows.pipeline import child_env
-
-    return {**child_env(), **(extra or {})}
-
-
 def _pidfile(cwd: Path, study: str) -> Path:
     return cwd / ".dvc" / "tmp" / f"study-{study}.pgid"
 
@@ -130,7 +77,7 @@ def stop_leftover(cwd: Path, study: str) -> None:
         return
     with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
         pgid = int(pidfile.read_text().strip())
-        _log().warning(
+        run_logger(log).warning(
             "stopping the experiment left running by an interrupted study (process group %d)", pgid
         )
         os.killpg(pgid, signal.SIGKILL)
@@ -139,42 +86,10 @@ def stop_leftover(cwd: Path, study: str) -> None:
 
 def run_experiment(run: Run, cwd: Path, env: dict[str, str]) -> None:
     """`dvc exp run --temp -n NAME -S ...` in its own process group, so an interrupt stops all of it."""
-    cmd = [vcs.dvc_executable(), "exp", "run", "--temp", "-n", run.name]
-    for key, value in run.overrides.items():
-        cmd += ["-S", f"++{key}={hydra_value(value)}"]  # ++: add the key when params.yaml lacks it
-    cmd += run.stages  # a study that stops early: these stages and what they depend on
-    _log().info("$ %s", " ".join(cmd))
-    pidfile = _pidfile(cwd, run.study)
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    pidfile.write_text(str(proc.pid))
-    try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                _log().info(line)
-        proc.wait()
-    except BaseException:  # Ctrl-C or a flow cancellation: take the experiment down with us
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        pidfile.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        errors = [line for line in tail if line.startswith(("error:", "ERROR"))]
-        cause = errors[-1] if errors else (tail[-1] if tail else "no output")
-        raise VimError(f"{run.name}: dvc exp run failed (exit {proc.returncode}): {cause}")
+    cmd = [vcs.dvc_executable(), "exp", "run", "--temp", "-n", run.name, *run.set_args(), *run.stages]
+    code, tail = vcs.stream(cmd, cwd, run_logger(log), env, pidfile=_pidfile(cwd, run.study))
+    if code != 0:
+        raise VimError(f"{run.name}: dvc exp run failed (exit {code}): {vcs.cause(tail)}")
 
 
 @task
@@ -184,14 +99,14 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
     from flows.tracking import tracker_for
 
     cwd_path = Path(cwd)
-    want = expected_params(run, cwd_path / params_path)
+    want = run.expected_params(cwd_path / params_path)
     have = experiments(cwd_path, finished=False).get(run.name)
     if have is not None and have["state"] == "success" and have["params"] == want:
-        _log().info("%s: done already with these params, skipped", run.name)
+        run_logger(log).info("%s: done already with these params, skipped", run.name)
         return "skipped"
     if have is not None:  # failed, killed, or stale (the study file or params.yaml changed since)
         try:
-            vcs.dvc("exp", "remove", run.name, cwd=cwd_path, env=_env())
+            vcs.dvc("exp", "remove", run.name, cwd=cwd_path, env=vcs.child_env())
         except VimError as err:
             raise VimError(
                 f"{run.name}: cannot remove its earlier {have['state']} experiment: {err}"
@@ -200,24 +115,13 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
     extra = {"VIM_STUDY": run.study, "VIM_ARM": run.arm, "VIM_SEED": str(run.seed)}
     parent = pipeline_run(run.name, tags=tags) if enabled() else contextlib.nullcontext(None)
     with contextlib.chdir(cwd_path), parent as run_id:
-        run_experiment(run, cwd_path, _env(extra))
+        run_experiment(run, cwd_path, vcs.child_env(extra))
         done = experiments(cwd_path).get(run.name)
         if done is None:
             raise VimError(f"{run.name}: dvc exp run finished but `dvc exp show` does not list it")
         if run_id is not None:
             tracker_for(run_id).log_metrics(flat_metrics(done["metrics"]), 0)
     return "ran"
-
-
-def flat_metrics(metrics: dict) -> dict[str, float]:
-    """eval.json's numbers as they are (fid_domain, ...); the training stages' under tokenizer/, transformer/."""
-    out = {}
-    for path, data in metrics.items():
-        prefix = "" if path.endswith("eval.json") else Path(path).stem + "/"
-        for key, value in (data or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                out[prefix + key] = float(value)
-    return out
 
 
 # ---- the flow

@@ -95,7 +95,7 @@ class MlflowTracker:
         items = sorted(new.items())
         for i in range(0, len(items), PARAMS_PER_BATCH):
             chunk = [[k, v] for k, v in items[i : i + PARAMS_PER_BATCH]]
-            self.outbox.send(None, what="params", op=("log_batch", {"params": chunk}))
+            self.outbox.send("params", ("log_batch", {"params": chunk}))
         self._params.update(new)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -112,14 +112,14 @@ class MlflowTracker:
         for i in range(0, len(batch), METRICS_PER_BATCH):
             chunk = batch[i : i + METRICS_PER_BATCH]
             what = f"metrics of step {int(step)}"
-            self.outbox.send(None, what=what, op=("log_batch", {"metrics": chunk}))
+            self.outbox.send(what, ("log_batch", {"metrics": chunk}))
 
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         """A file or folder; `name` is its path inside the run's artifacts (default: its own name)."""
         src = Path(path)
         if src.is_dir():
             folder = name or src.name
-            self.outbox.send(None, str(src), what=folder, op=("log_artifacts", {"artifact_path": folder}))
+            self.outbox.send(folder, ("log_artifacts", {"artifact_path": folder}), str(src))
             return
         dest = Path(name) if name else Path(src.name)
         folder = None if str(dest.parent) == "." else dest.parent.as_posix()
@@ -134,7 +134,7 @@ class MlflowTracker:
     def _send_file(self, src: Path, folder: str | None, dest: Path) -> None:
         """Held calls name a copy of the file (the outbox makes it), so a later rewrite does not leak in."""
         op = ("log_artifact", {"artifact_path": folder})
-        self.outbox.send(None, str(src), what=dest.as_posix(), op=op)
+        self.outbox.send(dest.as_posix(), op, str(src))
 
     def log_image(self, image: str | Path | np.ndarray, name: str) -> None:
         """A uint8 array or an image file, stored as images/<name>.png (or the file's own suffix)."""
@@ -145,7 +145,7 @@ class MlflowTracker:
             return
         file = f"images/{name if name.endswith('.png') else f'{name}.png'}"
         pixels = np.array(to_hwc(image))  # a copy: the caller may reuse its buffer before a held call goes
-        self.outbox.send(None, what=file, op=("log_image", {"pixels": pixels, "artifact_file": file}))
+        self.outbox.send(file, ("log_image", {"pixels": pixels, "artifact_file": file}))
 
 
 class _Discard(NullTracker):
@@ -202,7 +202,7 @@ def _end_stage_run(box, stage_name: str, status: str, flush_s: float) -> None:
     run off MLflow's active-run stack (end_run), which must not wait on an absent server either."""
     import mlflow
 
-    box.send(None, what=f"end ({status})", op=("set_terminated", {"status": status}))
+    box.send(f"end ({status})", ("set_terminated", {"status": status}))
     undelivered = box.close(flush_s)
     if undelivered:
         print(warning_line(box, undelivered, stage_name), file=sys.stderr)

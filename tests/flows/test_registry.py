@@ -2,7 +2,6 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -42,7 +41,7 @@ def _pipeline(name, fid, acc, eval_hash=EVAL) -> tuple[str, str]:
 
 
 def _alias(name, alias) -> str | None:
-    return registry._version(registry.by_alias(mlflow_run.client(), name, alias))
+    return registry.version_of(registry.by_alias(mlflow_run.client(), name, alias))
 
 
 def test_champion_challenger_lifecycle(reg_env, name, tmp_path):
@@ -110,50 +109,3 @@ def test_first_challenger_failing_guard(reg_env, name):
     _pipeline(name, fid=5.0, acc=0.2)
     out = compare_and_promote(name)
     assert out["outcome"] == "kept" and _alias(name, CHAMPION) is None
-
-
-def _mv(version, fid, acc=0.95, eval_hash=EVAL):
-    tags = {
-        "metric.fid_domain_val": repr(fid),
-        "metric.class_accuracy_val": repr(acc),
-        registry.EVAL_HASH_TAG: eval_hash,
-    }
-    return SimpleNamespace(version=version, tags=tags)
-
-
-@pytest.mark.parametrize(
-    ("lower", "challenger_fid", "outcome"),
-    [(True, 9.0, "promoted"), (True, 10.0, "kept"), (False, 11.0, "promoted"), (False, 9.0, "kept")],
-)
-def test_direction_and_ties(lower, challenger_fid, outcome):
-    got, _ = registry._decide(
-        _mv("2", challenger_fid),
-        _mv("1", 10.0),
-        "fid_domain_val",
-        lower,
-        "class_accuracy_val",
-        0.9,
-    )
-    assert got == outcome
-
-
-def test_missing_metric_or_hash_is_refused():
-    champ = _mv("1", 10.0)
-    no_metric = _mv("2", 5.0)
-    del no_metric.tags["metric.fid_domain_val"]
-    assert (
-        registry._decide(no_metric, champ, "fid_domain_val", True, "class_accuracy_val", 0.9)[0] == "refused"
-    )
-    no_hash = _mv("2", 5.0)
-    del no_hash.tags[registry.EVAL_HASH_TAG]
-    assert registry._decide(no_hash, champ, "fid_domain_val", True, "class_accuracy_val", 0.9)[0] == "refused"
-
-
-def test_no_guard_metric_means_no_guard():
-    champ = _mv("1", 10.0)
-    no_acc = _mv("2", 5.0)
-    del no_acc.tags["metric.class_accuracy_val"]
-    assert registry._decide(no_acc, champ, "fid_domain_val", True, None, 0.9)[0] == "promoted"
-    assert registry._decide(no_acc, None, "fid_domain_val", True, None, 0.9)[0] == "promoted"
-    table = registry._table(no_acc, champ, "fid_domain_val", None)
-    assert set(table) == {"role", "version", "fid_domain_val", "eval_config_hash", "pipeline_run"}

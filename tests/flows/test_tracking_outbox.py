@@ -69,7 +69,7 @@ def test_calls_held_while_the_server_is_away_arrive_in_order_when_it_is_back(liv
         assert sorted(history) == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7), (4, 0.5)]
         # bad input is refused at once and never held: MLflow params are write-once
         with pytest.raises(MlflowException, match="(?i)param"):
-            t.outbox.send(lambda client: client.log_param(t.run_id, "seed", "2"))
+            t.outbox.send("param", ("log_batch", {"params": [["seed", "2"]]}))
         assert t.outbox.pending == 0
     run = c.get_run(t.run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"seed": "1"}

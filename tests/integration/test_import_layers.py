@@ -1,7 +1,7 @@
 """vim_core's and flows' imports point down their layers and never loop, checked on the sources with ast.
 
 Layers, lowest first (PACKAGE_ORDER): the leaf utilities (errors, io, layers, redact, timing) and config,
-then data, tokenizer, transformer, train, eval, study, cli, one package to a layer above config. A module may
+then data, tokenizer, transformer, train, eval, study (with promotion and comparison), cli, one package to a layer above config. A module may
 import its own package or any package below it, so the packages form a chain with no cycle between
 them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
 Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
@@ -36,7 +36,9 @@ PACKAGE_ORDER = (
     ("vim_core.transformer",),
     ("vim_core.train",),
     ("vim_core.eval",),
-    ("vim_core.study",),  # statistics and reports over runs' metrics (reads eval's sampling keys)
+    # over runs' metrics: study statistics and reports (reads eval's sampling keys), the promotion rule, and
+    # the side-by-side comparison of runs
+    ("vim_core.study", "vim_core.promotion", "vim_core.comparison"),
     ("vim_core.cli",),
     ("flows",),  # one flat package: every flows module, above all of vim_core
 )

@@ -134,6 +134,37 @@ class Run(StrictModel):
     def name(self) -> str:
         return f"{self.study}-{self.arm}-s{self.seed}"
 
+    def set_args(self) -> list[str]:
+        """The overrides as `dvc exp run` arguments (-S ++key=value; ++ adds a key params.yaml lacks)."""
+        return [arg for k, v in self.overrides.items() for arg in ("-S", f"++{k}={hydra_value(v)}")]
+
+    def expected_params(self, params_path: str | Path) -> dict:
+        """params.yaml as the run's experiment must record it: the file plus the overrides."""
+        raw = yaml.safe_load(Path(params_path).read_text()) or {}
+        for key, value in self.overrides.items():
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return json.loads(json.dumps(raw))
+
+
+def hydra_value(value: Any) -> str:
+    """A value in the override grammar of `dvc exp run -S` (Hydra's): dicts, lists, null, numbers, text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    return text if text.replace("-", "").replace("_", "").isalnum() else "'" + text.replace("'", "\\'") + "'"
+
 
 def load_study(path: str | Path, params_path: str | Path = "params.yaml") -> StudySpec:
     """Read and validate a study file; every arm's overrides must make a valid params.yaml."""

@@ -5,7 +5,9 @@ Built from `dvc exp show`'s results (name -> params and metrics), so it can be r
 """
 
 import datetime as dt
+import math
 import os
+from pathlib import Path
 
 from vim_core.config.study import StudySpec
 from vim_core.errors import VimError
@@ -167,3 +169,14 @@ def machine() -> str:
     import torch
 
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """eval.json's numbers as they are (fid_domain, ...); the training stages' under tokenizer/, transformer/."""
+    out = {}
+    for path, data in metrics.items():
+        prefix = "" if path.endswith("eval.json") else Path(path).stem + "/"
+        for key, value in (data or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                out[prefix + key] = float(value)
+    return out
