@@ -33,7 +33,7 @@ from prefect import flow, task
 
 from flows import vcs
 from flows.flow_cli import run_flow_cli, run_logger
-from flows.stages import DVC_YAML, all_declared
+from flows.stages import DVC_YAML, all_declared, declared
 from vim_core.config.study import Run, load_study
 from vim_core.errors import VimError
 from vim_core.study.render import check_replaceable, write_report
@@ -120,8 +120,17 @@ def run_arm(run: Run, cwd: str, params_path: str) -> str:
         if done is None:
             raise VimError(f"{run.name}: dvc exp run finished but `dvc exp show` does not list it")
         if run_id is not None:
-            tracker_for(run_id).log_metrics(flat_metrics(done["metrics"]), 0)
+            tracker_for(run_id).log_metrics(flat_metrics(ran_metrics(run, done["metrics"])), 0)
     return "ran"
+
+
+def ran_metrics(run: Run, metrics: dict) -> dict:
+    """The metrics files of the stages the run ran: a study that stops early (run.stages) carries the
+    baseline's later files (eval.json) unchanged in its experiment, and they are not this run's."""
+    if not run.stages:
+        return metrics
+    ran = {path for stage in run.stages for path in declared(stage).metrics}
+    return {path: data for path, data in metrics.items() if path in ran}
 
 
 # ---- the flow

@@ -265,3 +265,10 @@ def test_a_tokenizer_only_study_stops_at_its_stages_and_fits_the_curve(
     stages = {r.data.tags["vim.stage"] for r in runs}
     assert {"train_tokenizer", "evaluate_tokenizer"} <= stages
     assert not stages & {"tokenize_dataset", "pretrain_transformer", "evaluate"}, stages
+    # Each arm's pipeline run holds the metrics of the stages it ran; not eval.json, which its experiment
+    # carries over unchanged from the baseline commit.
+    pipelines = client.search_runs([exp.experiment_id], "tags.`vim.kind` = 'pipeline'")
+    assert len(pipelines) == 6
+    for r in pipelines:
+        assert r.data.metrics["tokenizer_eval/rfid_domain"] > 0, r.data.metrics
+        assert not {"rfid_domain", "fid_domain", "class_accuracy"} & set(r.data.metrics), r.data.metrics

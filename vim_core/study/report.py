@@ -175,7 +175,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     """eval.json's numbers as they are (fid_domain, ...); the training stages' under tokenizer/, transformer/."""
     out = {}
     for path, data in metrics.items():
-        prefix = "" if path.endswith("eval.json") else Path(path).stem + "/"
+        prefix = "" if Path(path).name == "eval.json" else Path(path).stem + "/"
         for key, value in (data or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 out[prefix + key] = float(value)

@@ -10,7 +10,7 @@ from PIL import Image
 from vim_core.config.study import StudySpec
 from vim_core.errors import VimError
 from vim_core.study.render import check_replaceable, curves, render_curves, render_markdown, write_report
-from vim_core.study.report import build_report
+from vim_core.study.report import build_report, flat_metrics
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -206,3 +206,19 @@ def test_a_partial_report_before_any_run_finished_is_written(tmp_path: Path):
     report = write_report(GEN, {}, "studies/gen.yaml", tmp_path, partial=True)
     assert report["arms"] == {} and report["comparison"] == {} and len(report["missing_runs"]) == 11
     assert "Partial report" in (tmp_path / "gen.md").read_text() and not (tmp_path / "gen.png").exists()
+
+
+def test_flat_metrics_prefixes_every_file_but_eval_json():
+    got = flat_metrics(
+        {
+            "metrics/eval.json": {"fid_domain": 10.9, "definitions": {"seed": 0}, "ok": True},
+            "metrics/tokenizer_eval.json": {"rfid_domain": 7.1, "psnr": float("nan")},
+            "metrics/transformer.json": {"val_bits_per_token": 1.6, "steps": 1000},
+        }
+    )
+    assert got == {
+        "fid_domain": 10.9,
+        "tokenizer_eval/rfid_domain": 7.1,
+        "transformer/val_bits_per_token": 1.6,
+        "transformer/steps": 1000.0,
+    }
