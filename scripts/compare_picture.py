@@ -1,7 +1,11 @@
-"""docs/img/mlflow-compare.png from real runs: MLflow's compare view of two pipeline runs' evaluate stages.
+"""docs/img/mlflow-compare*.png from real runs: MLflow's compare view of two runs (by default, the evaluate
+stages of the two latest pipeline runs).
 
     python scripts/compare_picture.py --tracking-uri sqlite:///PATH/mlflow.db \
-        --artifacts PATH/mlartifacts [--runs RUN_A RUN_B] [--out docs/img/mlflow-compare.png]
+        --artifacts PATH/mlartifacts [--runs RUN_A RUN_B] [--metric fid_domain] [--out docs/img/mlflow-compare.png]
+
+--metric names a metric both runs log (the page is ready when its row shows): rfid_domain for
+evaluate_tokenizer runs, best_val_loss for training runs.
 
 Without --runs it takes the evaluate runs of the two latest pipeline runs that finished. It serves the
 tracking store with `mlflow server` on 127.0.0.1, opens the compare view in headless Chromium (Debian's
@@ -65,7 +69,7 @@ def serve(uri: str, artifacts: str, port: int) -> subprocess.Popen:
     raise SystemExit("error: mlflow server did not answer /health within 90 s")
 
 
-def shoot(url: str, path: Path) -> None:
+def shoot(url: str, path: Path, metric: str = "fid_domain") -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
@@ -84,7 +88,7 @@ def shoot(url: str, path: Path) -> None:
         except PlaywrightTimeout:
             pass  # no assistant panel in this version
         page.get_by_text("Visualizations", exact=True).click()  # fold the plots; the tables come up
-        page.get_by_role("link", name="fid_domain", exact=True).wait_for()
+        page.get_by_role("link", name=metric, exact=True).wait_for()
         page.get_by_role("switch").first.click()  # parameters: show the differences only
         # the parameters that differ, then the metrics: the view starts at the Parameters heading
         page.get_by_text("Parameters", exact=True).evaluate("e => e.scrollIntoView({block: 'start'})")
@@ -98,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", required=True, help="the store's artifact folder (mlartifacts)")
     parser.add_argument("--runs", nargs=2, metavar="RUN_ID", help="two evaluate run ids (default: latest)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "mlflow-compare.png")
+    parser.add_argument(
+        "--metric", default="fid_domain", help="a metric both runs log, waited for (e.g. rfid_domain)"
+    )
     args = parser.parse_args(argv)
     if args.runs:
         from mlflow import MlflowClient
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}/#/compare-runs?runs={json.dumps(runs)}&experiments={json.dumps([experiment])}"
         with tempfile.TemporaryDirectory() as tmp:
             shot = Path(tmp) / "compare.png"
-            shoot(url, shot)
+            shoot(url, shot, args.metric)
             atomic_write_bytes(args.out, small_png(shot))
     finally:
         server.terminate()
