@@ -13,8 +13,15 @@ hash), the guard, then the metric, all on the validation split (params.yaml `pro
 import logging
 
 from flows.mlflow_run import MAX_TAG_VALUE, check_reachable, client, configure
-from vim_core.promotion import EVAL_HASH_TAG, METRIC_TAG, PIPELINE_TAG, decide, finite_number, version_of
-from vim_core.promotion import decision_table as table
+from vim_core.promotion import (
+    EVAL_HASH_TAG,
+    METRIC_TAG,
+    PIPELINE_TAG,
+    decide,
+    decision_table,
+    finite_number,
+    version_of,
+)
 
 log = logging.getLogger("vim.registry")
 
@@ -86,8 +93,8 @@ def compare_and_promote(
     run_id: str | None = None,
 ) -> dict:
     """Compare the challenger with the champion (vim_core.promotion.decide); move `champion` to the
-    challenger if it wins. Returns the decision with its comparison table; both are logged to `run_id` (default: the active
-    run, if any) as promotion/decision.json and the table promotion/comparison.json.
+    challenger if it wins. Returns the decision with its comparison table; both are logged to `run_id`
+    (default: the active run, if any) as promotion/decision.json and the table promotion/comparison.json.
     """
     import mlflow
 
@@ -110,7 +117,7 @@ def compare_and_promote(
         "challenger": version_of(challenger),
         "champion_before": version_of(champion),
         "champion_after": version_of(challenger if outcome == "promoted" else champion),
-        "table": table(challenger, champion, metric, guard_metric),
+        "table": decision_table(challenger, champion, metric, guard_metric),
     }
     log.info("promotion %s: %s", outcome, reason)
     if challenger is not None:

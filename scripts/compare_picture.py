@@ -2,7 +2,8 @@
 stages of the two latest pipeline runs).
 
     python scripts/compare_picture.py --tracking-uri sqlite:///PATH/mlflow.db \
-        --artifacts PATH/mlartifacts [--runs RUN_A RUN_B] [--metric fid_domain] [--out docs/img/mlflow-compare.png]
+        --artifacts PATH/mlartifacts [--runs RUN_A RUN_B] [--metric fid_domain] \
+        [--out docs/img/mlflow-compare.png]
 
 --metric names a metric both runs log (the page is ready when its row shows): rfid_domain for
 evaluate_tokenizer runs, best_val_loss for training runs.

@@ -1,13 +1,14 @@
 """vim_core's and flows' imports point down their layers and never loop, checked on the sources with ast.
 
 Layers, lowest first (PACKAGE_ORDER): the leaf utilities (errors, io, layers, redact, timing) and config,
-then data, tokenizer, transformer, train, eval, study (with promotion and comparison), cli, one package to a layer above config. A module may
-import its own package or any package below it, so the packages form a chain with no cycle between
-them (the old data.tokenize -> tokenizer -> data loop through tokenizer.palette cannot come back).
-Imports inside functions and under TYPE_CHECKING count like module-level ones: they are the same
-dependency, only later. flows (the stage entry points and the Prefect flows above them) is the layer above
-all of vim_core, and a stage entry point reaches no module that imports Prefect: vim_core never imports it, and its own modules never loop either (the old mlflow_run <-> outbox
-loop, hidden in a function-level import, cannot come back).
+then data, tokenizer, transformer, train, eval, study (with promotion and comparison), cli, one package to a
+layer above config. A module may import its own package or any package below it, so the packages form a
+chain with no cycle between them (the old data.tokenize -> tokenizer -> data loop through
+tokenizer.palette cannot come back). Imports inside functions and under TYPE_CHECKING count like
+module-level ones: they are the same dependency, only later. flows (the stage entry points and the Prefect
+flows above them) is the layer above all of vim_core, and a stage entry point reaches no module that
+imports Prefect: vim_core never imports it, and its own modules never loop either (the old mlflow_run <->
+outbox loop, hidden in a function-level import, cannot come back).
 """
 
 import ast

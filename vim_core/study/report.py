@@ -172,7 +172,8 @@ def machine() -> str:
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """eval.json's numbers as they are (fid_domain, ...); the training stages' under tokenizer/, transformer/."""
+    """eval.json's numbers as they are (fid_domain, ...); every other metrics file's under its stem
+    (tokenizer/, tokenizer_eval/, transformer/)."""
     out = {}
     for path, data in metrics.items():
         prefix = "" if Path(path).name == "eval.json" else Path(path).stem + "/"
