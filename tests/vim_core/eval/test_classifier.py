@@ -113,8 +113,16 @@ def test_the_stage_trains_two_classifiers_and_picks_wd_on_val(tmp_path, caplog, 
     )
     clf_path, scorer_path, again = load_trained(tmp_path / "clf", data.out_dir)
     clf, scorer = load_classifier(clf_path)[0], load_classifier(scorer_path)[0]
-    assert (clf.spec["width"], scorer.spec["width"]) == (32, 48) and again == report
-    assert load_classifier(scorer_path)[1]["report"]["seed"] == 1
+    assert (clf.spec["width"], scorer.spec["width"]) == (32, 48)
+    assert again == {k: v for k, v in report.items() if k != "train_seconds"} and report["train_seconds"] > 0
+    fitted = load_classifier(scorer_path)[1]["report"]
+    assert fitted["seed"] == 1 and fitted["val_images"] == report["definitions"]["val_images"]
+    assert round(fitted["val_accuracy"], 4) == report["scorer_val_accuracy"]
+    assert not {"test_accuracy", "test_images", "train_seconds"} & set(fitted)  # it never saw test
+    # The same data and settings write the same bytes: DVC's output hash and classifier_sha256 repeat.
+    fit_classifiers(cfg, data.out_dir, tmp_path / "again")
+    for name in ("classifier.safetensors", "scorer.safetensors", "report.json"):
+        assert (tmp_path / "clf" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     prepare(data.model_copy(update={"max_images": 700}))  # other data: the classifiers no longer apply
     with pytest.raises(VimError, match="trained on data .*rerun train_classifier"):
         load_trained(tmp_path / "clf", data.out_dir)
