@@ -166,11 +166,13 @@ def test_old_protocol_reports_are_not_overwritten_unless_asked(tmp_path: Path):
     check_replaceable(tmp_path / "reports", "other", replace_old=False)  # nothing there yet
     (tmp_path / "reports" / "new.json").write_text(json.dumps({"protocol": "val-tuned"}))
     check_replaceable(tmp_path / "reports", "new", replace_old=False)
-    # The committed reports are marked so.
-    for name in ("generation", "representation"):
-        marked = json.loads((REPO / "reports" / f"{name}.json").read_text())
-        assert marked["protocol"].startswith("old")
-        assert (REPO / "reports" / f"{name}.md").read_text().startswith("> **Old protocol")
+    # The committed old-protocol report is marked so; the generation report is the new protocol's rerun.
+    marked = json.loads((REPO / "reports" / "representation.json").read_text())
+    assert marked["protocol"].startswith("old")
+    assert (REPO / "reports" / "representation.md").read_text().startswith("> **Old protocol")
+    rerun = json.loads((REPO / "reports" / "generation.json").read_text())
+    assert not rerun["protocol"].startswith("old")
+    assert not (REPO / "reports" / "generation.md").read_text().startswith("> **Old protocol")
 
 
 def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
