@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from vim_core.config.pipeline import TokenizerSection
 from vim_core.data.shards import load_split, read_manifest
+from vim_core.io import atomic_write_text
 from vim_core.tokenizer.discriminator import Discriminator, d_loss, g_loss, r1_penalty
 from vim_core.tokenizer.export import Tokenizer, save_tokenizer
 from vim_core.tokenizer.losses import build_perceptual_loss, reconstruction_losses
@@ -348,11 +349,28 @@ def fit_palette_run(cfg: TokenizerSection, data_root, seed: int, tracker, plots_
         metrics.update(throughput(model, model.channels, model.image_size, info.device))
         model_path.parent.mkdir(parents=True, exist_ok=True)
         save_tokenizer(model, cfg.model, str(model_path))
+        if plots_dir is not None:
+            _write_empty_curves(Path(plots_dir))
         if tracker is not None:
             tracker.log_params({"tokenizer": cfg.model_dump(mode="json"), "seed": seed})
             tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, 0)
     vdist.barrier()
     return run.TrainRun(model=model, metrics=metrics, model_path=model_path)
+
+
+# The stage's curve outputs (dvc.yaml) and their headers; a palette fit takes no steps, so it writes them
+# with no rows: the stage then has every output it declares, and an earlier tokenizer's curves (kept by
+# `persist: true`) are not shown as the palette's.
+CURVES = {
+    "tokenizer_loss.csv": "step",
+    "tokenizer_train.csv": "step",
+    "tokenizer_val_loss.csv": "step,val_loss",
+}
+
+
+def _write_empty_curves(plots_dir: Path) -> None:
+    for name, header in CURVES.items():
+        atomic_write_text(plots_dir / name, header + "\n")
 
 
 def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:

@@ -19,6 +19,7 @@ from vim_core.tokenizer.model import build_tokenizer, to_model_range, to_uint8
 from vim_core.tokenizer.palette import PaletteTokenizer, fit_palette, fit_palette_tokenizer
 
 MNIST = Path(vim_core.__file__).parent / "data" / "embedded" / "mnist.npz"
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,13 @@ def test_palette_runs_through_the_trainers_as_the_igpt_baseline(stage2, tmp_path
     assert "counted analytically" in run.metrics["flops_definition"]
     assert 0 < run.metrics["codebook_usage"] <= 1 and run.metrics["psnr"] > 10
     assert (tmp_path / "plots" / "tokenizer_reconstructions.png").stat().st_size > 0
+    # every curve the stage declares in dvc.yaml exists, with a header and no rows (no steps were taken)
+    declared = {n for n in (REPO / "dvc.yaml").read_text().split() if n.startswith("plots/tokenizer_")}
+    curves = {n.removeprefix("plots/").rstrip(":") for n in declared if n.rstrip(":").endswith(".csv")}
+    assert curves == {"tokenizer_loss.csv", "tokenizer_train.csv", "tokenizer_val_loss.csv"}
+    for name in curves:
+        assert (tmp_path / "plots" / name).read_text().splitlines()[0].startswith("step")
+        assert len((tmp_path / "plots" / name).read_text().splitlines()) == 1, name
     manifest = tokenize_dataset(str(run.model_path), params.data.out_dir, tmp_path / "tokens")
     assert manifest["grid"] == [16, 16] and manifest["codebook_size"] == 8
     vim = train_transformer(params.transformer, seed=0).metrics
