@@ -14,9 +14,9 @@ def test_report_only_refuses_an_old_protocol_report_before_prefect_starts(
 ):
     (tmp_path / "reports").mkdir()
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    # representation.json: the committed report still of the old protocol
-    old = (REPO / "reports" / "representation.json").read_text()
-    (tmp_path / "reports" / "generation.json").write_text(old)
+    # an old-protocol report, as the studies committed theirs before the rerun (#27)
+    old = {"study": "generation", "protocol": "old (pinned cfg 3, 2 seeds, range overlap)", "arms": {}}
+    (tmp_path / "reports" / "generation.json").write_text(json.dumps(old))
     study = {
         "name": "generation",
         "title": "t",

@@ -166,13 +166,11 @@ def test_old_protocol_reports_are_not_overwritten_unless_asked(tmp_path: Path):
     check_replaceable(tmp_path / "reports", "other", replace_old=False)  # nothing there yet
     (tmp_path / "reports" / "new.json").write_text(json.dumps({"protocol": "val-tuned"}))
     check_replaceable(tmp_path / "reports", "new", replace_old=False)
-    # The committed old-protocol report is marked so; the generation report is the new protocol's rerun.
-    marked = json.loads((REPO / "reports" / "representation.json").read_text())
-    assert marked["protocol"].startswith("old")
-    assert (REPO / "reports" / "representation.md").read_text().startswith("> **Old protocol")
-    rerun = json.loads((REPO / "reports" / "generation.json").read_text())
-    assert not rerun["protocol"].startswith("old")
-    assert not (REPO / "reports" / "generation.md").read_text().startswith("> **Old protocol")
+    # Every committed study report is the new protocol's rerun, with no old-protocol banner.
+    for study in ("generation", "tokenizer_scaling", "representation"):
+        rerun = json.loads((REPO / "reports" / f"{study}.json").read_text())
+        assert not rerun["protocol"].startswith("old"), study
+        assert not (REPO / "reports" / f"{study}.md").read_text().startswith("> **Old protocol"), study
 
 
 def test_the_generation_study_tunes_every_arm_and_compares_vit_with_both_cnns():
