@@ -351,6 +351,8 @@ def fit_palette_run(cfg: TokenizerSection, data_root, seed: int, tracker, plots_
         save_tokenizer(model, cfg.model, str(model_path))
         if plots_dir is not None:
             _write_empty_curves(Path(plots_dir))
+            # the val curve as a trained tokenizer writes it; no checkpoints, so no rows
+            run.BestVal(model).write_csv(Path(plots_dir) / "tokenizer_val_loss.csv")
         if tracker is not None:
             tracker.log_params({"tokenizer": cfg.model_dump(mode="json"), "seed": seed})
             tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, 0)
@@ -358,19 +360,15 @@ def fit_palette_run(cfg: TokenizerSection, data_root, seed: int, tracker, plots_
     return run.TrainRun(model=model, metrics=metrics, model_path=model_path)
 
 
-# The stage's curve outputs (dvc.yaml) and their headers; a palette fit takes no steps, so it writes them
-# with no rows: the stage then has every output it declares, and an earlier tokenizer's curves (kept by
-# `persist: true`) are not shown as the palette's.
-CURVES = {
-    "tokenizer_loss.csv": "step",
-    "tokenizer_train.csv": "step",
-    "tokenizer_val_loss.csv": "step,val_loss",
-}
+# The stage's per-step curves (dvc.yaml); a palette fit takes no steps, so it writes them with a header and
+# no rows (the val curve comes from BestVal, as for a trained tokenizer): the stage then has every output it
+# declares, and an earlier tokenizer's curves (kept by `persist: true`) are not shown as the palette's.
+STEP_CURVES = ("tokenizer_loss.csv", "tokenizer_train.csv")
 
 
 def _write_empty_curves(plots_dir: Path) -> None:
-    for name, header in CURVES.items():
-        atomic_write_text(plots_dir / name, header + "\n")
+    for name in STEP_CURVES:
+        atomic_write_text(plots_dir / name, "step\n")
 
 
 def _discriminator_step(cfg, disc, opt_d, real, fake, step, device) -> dict:

@@ -219,8 +219,8 @@ def test_palette_runs_through_the_trainers_as_the_igpt_baseline(stage2, tmp_path
     curves = {n.removeprefix("plots/").rstrip(":") for n in declared if n.rstrip(":").endswith(".csv")}
     assert curves == {"tokenizer_loss.csv", "tokenizer_train.csv", "tokenizer_val_loss.csv"}
     for name in curves:
-        assert (tmp_path / "plots" / name).read_text().splitlines()[0].startswith("step")
-        assert len((tmp_path / "plots" / name).read_text().splitlines()) == 1, name
+        lines = (tmp_path / "plots" / name).read_text().splitlines()
+        assert lines[0].startswith("step") and len(lines) == 1, name
     manifest = tokenize_dataset(str(run.model_path), params.data.out_dir, tmp_path / "tokens")
     assert manifest["grid"] == [16, 16] and manifest["codebook_size"] == 8
     vim = train_transformer(params.transformer, seed=0).metrics
