@@ -60,11 +60,12 @@ def tokenizer_rank(params: Params, plots_dir: str, run_id: str | None, spawned: 
 
 
 def transformer_rank(params: Params, plots_dir: str, run_id: str | None, spawned: bool = True) -> dict:
-    """Pretrain VIM on this rank; as tokenizer_rank."""
-    from vim_core.train.transformer_trainer import train_transformer
+    """Pretrain VIM on this rank, then its unconditional copy when transformer.uncond is set; as
+    tokenizer_rank."""
+    from vim_core.train.transformer_trainer import train_with_uncond_copy
 
     def train(tracker) -> dict:
-        return train_transformer(
+        return train_with_uncond_copy(
             params.transformer, seed=params.seed, tracker=tracker, plots_dir=plots_dir
         ).metrics
 

@@ -51,10 +51,10 @@ def _pretrain_transformer(args: argparse.Namespace) -> int:
     from vim_core.config import load_params
     from vim_core.io import atomic_write_text
     from vim_core.train import distributed as vdist
-    from vim_core.train.transformer_trainer import train_transformer
+    from vim_core.train.transformer_trainer import train_with_uncond_copy
 
     params = load_params(args.params)
-    run = train_transformer(params.transformer, seed=params.seed, plots_dir=args.plots)
+    run = train_with_uncond_copy(params.transformer, seed=params.seed, plots_dir=args.plots)
     if vdist.is_main() and args.metrics:
         atomic_write_text(args.metrics, json.dumps(run.metrics, indent=2, sort_keys=True) + "\n")
     vdist.cleanup()

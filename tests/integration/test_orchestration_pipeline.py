@@ -77,6 +77,16 @@ def tiny_params(raw: dict) -> dict:
             "decay_start": 4,
         },
     )
+    vim["uncond"] = {
+        "steps": 10,
+        "schedule": {
+            "kind": "exponential",
+            "peak_lr": 3e-3,
+            "final_lr": 3e-4,
+            "warmup_steps": 2,
+            "decay_start": 2,
+        },
+    }
     vim["probe"] = {"epochs": 20}
     raw["evaluate"].update(
         num_samples=20,
@@ -225,12 +235,20 @@ def test_retrain_tracks_every_stage_and_promotes_the_first_bundle(orch, first, t
     assert sorted(steps) == [*range(0, 60, 5), 59]
     vim_steps = [m.step for m in c.get_metric_history(runs["pretrain_transformer"].info.run_id, "loss/train")]
     assert sorted(vim_steps) == [*range(0, 40, 5), 39]
+    # transformer.uncond: the unconditional copy, in the same run under uncond/, draws the unconditional samples
+    copy_steps = [
+        m.step for m in c.get_metric_history(runs["pretrain_transformer"].info.run_id, "uncond/loss/train")
+    ]
+    assert sorted(copy_steps) == [0, 5, 9]
+    assert runs["pretrain_transformer"].data.params["uncond.transformer.model.num_classes"] == "0"
+    assert (orch.repo / "models" / "transformer" / "uncond" / "transformer.safetensors").is_file()
     # the final metrics JSON, as metrics and as the file; the plots as images
     eval_json = json.loads((orch.repo / "metrics" / "eval.json").read_text())
     ev = runs["evaluate"]
     assert ev.data.metrics["psnr"] == pytest.approx(eval_json["psnr"])
     assert ev.data.metrics["fid_domain"] == pytest.approx(eval_json["fid_domain"])
     assert not any(k.startswith("definitions") for k in ev.data.metrics)
+    assert eval_json["definitions"]["generation_uncond"]["how"].startswith("the unconditional copy")
     assert ev.data.tags["vim.eval_config_hash"] == eval_json["eval_config_hash"]
     images = {a.path for a in c.list_artifacts(ev.info.run_id, "images")}
     assert {"images/samples_per_class.png", "images/reconstructions.png"} <= images

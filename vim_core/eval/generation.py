@@ -77,8 +77,10 @@ def generation_metrics(
     seed: int,
     dm: Callable[[np.ndarray, np.ndarray], dict],
     timings: dict,
+    uncond_vim: VIM | None = None,
 ) -> tuple[dict, dict, dict]:
-    """(flat metrics, definitions, what the grids need). `paths`: (classifier, rejection scorer)."""
+    """(flat metrics, definitions, what the grids need). `paths`: (classifier, rejection scorer);
+    `uncond_vim`: the unconditional copy (transformer.uncond) that draws the unconditional samples."""
     e, s = params.evaluate, params.transformer.sampling
     clf_path, scorer_path = paths
     clf, _ = load_classifier(clf_path)
@@ -98,6 +100,7 @@ def generation_metrics(
             seed=seed + 1,  # not the reported samples' own draws
             batch_size=s.batch_size,
             kid_subset_size=e.kid_subset_size,
+            uncond_vim=uncond_vim,
         )
         timings["sampling_search"] = search.pop("seconds")
         defs["sampling_search"] = search
@@ -151,15 +154,20 @@ def generation_metrics(
         "split": "test",
     }
 
-    # Unconditional generation (the paper reports it too): a conditional VIM samples p(x) through its
-    # null class, without guidance; an unconditional VIM's plain samples already are.
+    # Unconditional generation (the paper reports it too): from the unconditional copy when there is one,
+    # else a conditional VIM samples p(x) through its null class, without guidance; an unconditional
+    # VIM's plain samples already are.
     phase("evaluate", "unconditional", f"{n} samples")
     t = time.monotonic()
     if conditional:
-        draws = sample(vim, n, None, seed=seed, batch_size=s.batch_size, **uncond_setting)
+        draws = sample(uncond_vim or vim, n, None, seed=seed, batch_size=s.batch_size, **uncond_setting)
         uncond = tokenizer.decode_uint8(draws)
         out.update({f"{k}_uncond": v for k, v in dm(uncond, test_x).items()})
-        how = "null class, no guidance"
+        how = (
+            "the unconditional copy of the class-conditional VIM (transformer.uncond), no guidance"
+            if uncond_vim is not None
+            else "null class, no guidance"
+        )
     else:
         uncond = plain
         out.update({f"{k}_uncond": v for k, v in gen.items()})

@@ -84,6 +84,7 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     clf_path, scorer_path, clf_report = load_trained(e.classifier_dir, params.data.out_dir)
     tokenizer = load_tokenizer(str(Path(params.tokenizer.out_dir) / "tokenizer.safetensors")).eval()
     vim, _ = load_transformer(str(Path(params.transformer.out_dir) / "transformer.safetensors"))
+    uncond_vim = _uncond_vim(params) if vim.num_classes > 0 else None
 
     n_ref = len(test_x)
     domain = {
@@ -109,7 +110,17 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     grids = None
     if e.sampling:
         gen, defs, grids = generation_metrics(
-            params, vim, tokenizer, (clf_path, scorer_path), val_x, test_x, num_classes, seed, dm, timings
+            params,
+            vim,
+            tokenizer,
+            (clf_path, scorer_path),
+            val_x,
+            test_x,
+            num_classes,
+            seed,
+            dm,
+            timings,
+            uncond_vim,
         )
         out.update(gen)
         out["definitions"].update(defs)
@@ -141,6 +152,17 @@ def evaluate(params: Params, plots_dir: str | Path = "plots") -> dict:
     out["timings_seconds"] = timings
     out["eval_config_hash"] = eval_config_hash(params)
     return out
+
+
+def _uncond_vim(params: Params) -> VIM | None:
+    """The unconditional copy that transformer.uncond trains beside the class-conditional VIM, if set."""
+    section = params.transformer.uncond_section()
+    if section is None:
+        return None
+    path = Path(section.out_dir) / "transformer.safetensors"
+    if not path.is_file():
+        raise VimError(f"{path} is missing (transformer.uncond is set); run dvc repro first")
+    return load_transformer(str(path))[0]
 
 
 def _baselines(params: Params, tokenizer: Tokenizer, train_x, test_x, dm, seed: int) -> tuple[dict, dict]:

@@ -52,8 +52,12 @@ def search_sampling(
     seed: int,
     batch_size: int | None = None,
     kid_subset_size: int = 500,
+    uncond_vim: VIM | None = None,
 ) -> dict:
     """Search both grids; returns {"conditional": choice or None, "unconditional": choice, ...}.
+
+    The unconditional grid samples `uncond_vim` (transformer.uncond's copy) when given, else `vim` with
+    no label (an unconditional VIM's start, a class-conditional one's null class).
 
     `reference`: uint8 images of the val split. A choice holds the picked setting (SETTING keys), its
     fid_domain on val (and class_accuracy for conditional draws) and the whole grid it was picked from.
@@ -65,8 +69,8 @@ def search_sampling(
     conditional = vim.num_classes > 0
     cond_labels = torch.arange(cfg.samples) % num_classes
 
-    def score(setting: dict, labels: torch.Tensor | None) -> dict:
-        tokens = sample(vim, cfg.samples, labels, seed=seed, batch_size=batch_size, **setting)
+    def score(setting: dict, labels: torch.Tensor | None, model: VIM = vim) -> dict:
+        tokens = sample(model, cfg.samples, labels, seed=seed, batch_size=batch_size, **setting)
         images = tokenizer.decode_uint8(tokens)
         result = fidelity.domain_metrics(
             images, reference, classifier_path, kid_subset_size=kid_subset_size, seed=seed
@@ -97,7 +101,7 @@ def search_sampling(
         second = [s for s in settings([scale], cfg.temperatures, *truncations) if s not in seen]
         grid += [score(s, cond_labels) for s in second]
         out["conditional"] = _choice(grid, cfg.min_class_accuracy)
-    uncond_grid = [score(s, None) for s in settings([1.0], cfg.temperatures, *truncations)]
+    uncond_grid = [score(s, None, uncond_vim or vim) for s in settings([1.0], cfg.temperatures, *truncations)]
     out["unconditional"] = _choice(uncond_grid, None)
     out.update(
         samples=cfg.samples,

@@ -228,3 +228,24 @@ class MultiTracker:
     def log_image(self, image: str | Path | np.ndarray, name: str) -> None:
         for t in self.trackers:
             t.log_image(image, name)
+
+
+class PrefixedTracker:
+    """Another tracker's calls with every name under `prefix`: a second training in one stage (the
+    unconditional VIM after the class-conditional one) logs to the stage's run without overwriting the
+    first one's params, curves and images."""
+
+    def __init__(self, tracker: Tracker, prefix: str):
+        self.tracker, self.prefix = tracker, prefix
+
+    def log_params(self, params: dict) -> None:
+        self.tracker.log_params({self.prefix: params})
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.tracker.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        self.tracker.log_artifact(path, f"{self.prefix}/{name or Path(path).name}")
+
+    def log_image(self, image: str | Path | np.ndarray, name: str) -> None:
+        self.tracker.log_image(image, f"{self.prefix}/{name}")

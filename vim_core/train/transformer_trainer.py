@@ -1,6 +1,7 @@
 """Pretrain VIM on token shards: next-token prediction in raster order, optionally class-conditional."""
 
 import contextlib
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from vim_core.train.loop import (
     uses_bf16,
 )
 from vim_core.train.schedule import make_scheduler
-from vim_core.train.tracking import Tracker
+from vim_core.train.tracking import PrefixedTracker, Tracker
 from vim_core.transformer.export import save_transformer
 from vim_core.transformer.gpt import VIM
 
@@ -48,8 +49,11 @@ def build_vim(cfg: TransformerSection, tokens_manifest: dict) -> VIM:
     )
 
 
-def transformer_fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed: int) -> str:
-    """Checkpoints resume only into a run with the same config, tokens, seed and model/trainer code."""
+def transformer_fingerprint(
+    cfg: TransformerSection, tokens_manifest: dict, seed: int, init_from: VIM | None = None
+) -> str:
+    """Checkpoints resume only into a run with the same config, tokens, seed, starting weights and
+    model/trainer code."""
     spec = {
         "code": code_digest("transformer", "layers.py", "train", "data/shards.py"),
         "model": model_config_for(cfg, tokens_manifest).model_dump(mode="json"),
@@ -59,7 +63,18 @@ def transformer_fingerprint(cfg: TransformerSection, tokens_manifest: dict, seed
         "tokens": [s["sha256"] for sp in tokens_manifest["splits"].values() for s in sp["shards"]],
         "seed": seed,
     }
+    if init_from is not None:
+        spec["init_from"] = weights_digest(init_from)
     return run.fingerprint(spec)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's weights, in state-dict order: what a run that starts from them resumes on."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _loss(net, x: torch.Tensor, y: torch.Tensor | None, bf16: bool) -> torch.Tensor:
@@ -115,8 +130,13 @@ def train_transformer(
     seed: int = 0,
     tracker: Tracker | None = None,
     plots_dir: str | Path | None = None,
+    init_from: VIM | None = None,
 ) -> run.TrainRun:
-    """Train, checkpoint, resume, measure validation bits/token and export. Every torchrun rank calls this."""
+    """Train, checkpoint, resume, measure validation bits/token and export. Every torchrun rank calls this.
+
+    `init_from`: the class-conditional VIM an unconditional one starts from (VIM.start_from_conditional);
+    every rank holds the same one, as the ranks' best-val choices agree.
+    """
     t = cfg.train
     manifest = read_manifest(cfg.tokens_dir)
     n_train = manifest["splits"]["train"]["count"]
@@ -124,7 +144,10 @@ def train_transformer(
     device = ctx.device  # cuda:LOCAL_RANK under torchrun on GPUs
 
     set_seed(seed)
-    model = build_vim(cfg, manifest).to(device)
+    model = build_vim(cfg, manifest)
+    if init_from is not None:
+        model.start_from_conditional(init_from)
+    model = model.to(device)
     conditional = model.num_classes > 0
     budget = flops.resolve_budget(t, "transformer", step_flops(cfg, ctx, model), ctx.info.world_size)
     opt = model.configure_optimizers(t.weight_decay, t.schedule.peak_lr, t.betas)  # fused on CUDA
@@ -136,7 +159,7 @@ def train_transformer(
     best = run.BestVal(model)
     modules["best_val"] = best
     val_split = run.val_split(manifest)
-    fp = transformer_fingerprint(cfg, manifest, seed)
+    fp = transformer_fingerprint(cfg, manifest, seed, init_from)
     ckpt_dir = Path(cfg.checkpoint_dir) / fp
     start, _ = maybe_resume(ckpt_dir, t.resume, modules, {"model": opt}, {"model": sched})
     tracker = run.open_tracker(ctx, tracker, cfg.out_dir, plots_dir, "transformer", start)
@@ -225,3 +248,23 @@ def train_transformer(
         )
     vdist.barrier()
     return run.TrainRun(model=model, metrics=metrics, model_path=out_path)
+
+
+def train_with_uncond_copy(
+    cfg: TransformerSection,
+    seed: int = 0,
+    tracker: Tracker | None = None,
+    plots_dir: str | Path | None = None,
+) -> run.TrainRun:
+    """train_transformer, then the unconditional copy when cfg.uncond is set (TransformerSection.
+    uncond_section): it starts from the VIM just trained and keeps its curves in its own out_dir/plots.
+    Returns the VIM's run, its metrics holding the copy's under "uncond"."""
+    main = train_transformer(cfg, seed=seed, tracker=tracker, plots_dir=plots_dir)
+    section = cfg.uncond_section()
+    if section is None:
+        return main
+    inner = PrefixedTracker(tracker, "uncond") if tracker is not None else None
+    plots = None if plots_dir is None else f"{section.out_dir}/plots"
+    copy = train_transformer(section, seed=seed, tracker=inner, plots_dir=plots, init_from=main.model)
+    main.metrics["uncond"] = copy.metrics
+    return main

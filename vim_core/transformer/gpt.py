@@ -104,6 +104,19 @@ class VIM(nn.Module):
         self.head = nn.Linear(cfg.dim, vocab_size, bias=False)
         self._init_weights()
 
+    def start_from_conditional(self, source: "VIM") -> None:
+        """Make this unconditional VIM a copy of the class-conditional `source` whose start vector is the
+        source's null-class embedding: before any step it predicts what the source predicts for the null
+        class. A source of another shape, or one that is not class-conditional, is a ValueError."""
+        if self.num_classes != 0 or source.num_classes == 0:
+            raise ValueError("want a class-conditional VIM to start an unconditional one from")
+        state = {k: v for k, v in source.state_dict().items() if k != "cls_emb.weight"}
+        missing, unexpected = self.load_state_dict(state, strict=False)  # a shape mismatch raises here
+        if missing != ["start"] or unexpected:
+            raise ValueError(f"the VIMs differ in parts: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            self.start.copy_(source.cls_emb.weight[source.null_class])
+
     def _init_weights(self) -> None:
         for name, p in self.named_parameters():
             if name.endswith("bias"):

@@ -171,6 +171,29 @@ def test_label_dropout_is_a_training_choice_not_a_preset_default():
     assert (out.transformer.resolved_model().layers, out.transformer.resolved_model().cfg_dropout) == (3, 0.5)
 
 
+def test_the_unconditional_copy_is_the_vim_unconditional_in_folders_of_its_own():
+    vim = load_params(REPO / "params.yaml").transformer
+    copy = vim.uncond_section()
+    assert copy.resolved_model() == TransformerModelConfig(
+        layers=4, heads=4, dim=192, mlp_dim=768, dropout=0.1, num_classes=0, cfg_dropout=0.0
+    )
+    assert (copy.train.steps, copy.train.schedule.peak_lr, copy.uncond) == (600, 1e-3, None)
+    assert copy.train.batch_size == vim.train.batch_size and copy.train.select == vim.train.select
+    assert (copy.out_dir, copy.checkpoint_dir) == (
+        "models/transformer/uncond",
+        "checkpoints/transformer/uncond",
+    )
+    assert vim.model_copy(update={"uncond": None}).uncond_section() is None
+    unconditional = {"layers": 2, "heads": 2, "dim": 32, "mlp_dim": 64, "num_classes": 0}
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["transformer"]["model"] = unconditional
+    assert parse_params(raw).transformer.uncond_section() is None  # it draws its samples itself
+    raw["transformer"]["uncond"]["steps"] = 20  # the schedule decays from step 30
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert err.value.lines[0].startswith("params.yaml: transformer.uncond = {...}: decay_start (30) must be")
+
+
 def test_check_params_agrees_with_dvc_yaml(tmp_path):
     """Every params key that dvc.yaml's stages name must be in the file: `dvc repro` cannot run without it."""
     empty = tmp_path / "empty.yaml"

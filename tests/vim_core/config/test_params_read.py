@@ -26,6 +26,9 @@ READ_WHOLE = {
     # make_scheduler(opt, cfg.train.schedule, steps) calls the schedule's lr_at and check_total.
     "tokenizer.train.schedule": "vim_core/config/schedule.py",
     "transformer.train.schedule": "vim_core/config/schedule.py",
+    # TransformerSection.uncond_section() turns it into the section that trains the unconditional copy.
+    "transformer.uncond": "vim_core/config/pipeline.py",
+    "transformer.uncond.schedule": "vim_core/config/schedule.py",
 }
 
 
@@ -91,7 +94,7 @@ def unread_keys(params: dict) -> list[str]:
         )
         if not covered:
             problems.append(f"{dotted}: under no stage's params in dvc.yaml")
-        names = readers | next((n for p, n in whole.items() if dotted.startswith(p + ".")), set())
+        names = readers.union(*(n for p, n in whole.items() if dotted.startswith(p + ".")))
         missing = [name for name in path if name not in names]
         if missing:
             problems.append(f"{dotted}: {', '.join(missing)} never read as an attribute in vim_core or flows")

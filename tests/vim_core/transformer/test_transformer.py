@@ -71,6 +71,29 @@ def test_class_token_changes_output():
     torch.testing.assert_close(null, explicit)
 
 
+def test_an_unconditional_copy_predicts_what_the_null_class_does():
+    source = small()
+    with torch.no_grad():  # a trained look: every class embedding its own, not the init's
+        source.cls_emb.weight.normal_()
+    copy = small(0)
+    copy.start_from_conditional(source)
+    x = torch.randint(0, V, (3, 14))
+    null, _ = source(x, None)
+    uncond, _ = copy(x, None)
+    torch.testing.assert_close(uncond, null)
+    assert not torch.allclose(uncond, source(x, torch.zeros(3, dtype=torch.long))[0])
+
+
+def test_an_unconditional_copy_needs_a_conditional_source_of_its_shape():
+    with pytest.raises(ValueError, match="class-conditional"):
+        small(0).start_from_conditional(small(0))
+    with pytest.raises(ValueError, match="class-conditional"):
+        small(5).start_from_conditional(small(5))
+    wider = VIM(TransformerModelConfig(layers=3, heads=2, dim=48, mlp_dim=64, num_classes=5), V, GRID)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        small(0).start_from_conditional(wider)
+
+
 def test_unconditional_model_refuses_labels():
     with pytest.raises(ValueError, match="unconditional"):
         small(0)(torch.zeros(1, 3, dtype=torch.long), torch.tensor([1]))

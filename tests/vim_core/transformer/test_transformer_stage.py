@@ -15,7 +15,7 @@ from vim_core.data.shards import load_split, read_manifest
 from vim_core.io import sha256_file
 from vim_core.tokenizer.export import load_tokenizer
 from vim_core.tokenizer.model import to_model_range
-from vim_core.train.transformer_trainer import train_transformer
+from vim_core.train.transformer_trainer import train_transformer, train_with_uncond_copy
 from vim_core.transformer.export import load_transformer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -79,6 +79,28 @@ def test_train_transformer_metrics_and_export(stage2, tmp_path):
     assert extra["tokenizer_sha256"] == sha256_file(stage2 / "model" / "tokenizer.safetensors")
     assert model.num_classes == 10
     assert (tmp_path / "plots" / "transformer_loss.csv").read_text().count("\n") == 11
+
+
+def test_an_unconditional_copy_trains_from_the_class_conditional_vim(stage2, tmp_path):
+    """transformer.uncond: a copy started from the class-conditional VIM begins at its null-class val
+    loss (far below a fresh VIM's), trains on unlabelled sequences and exports an unconditional VIM."""
+    raw = stage2_params(stage2)
+    raw["transformer"].update(out_dir=str(tmp_path / "vim"), checkpoint_dir=str(tmp_path / "ckpt"))
+    schedule = {"kind": "exponential", "peak_lr": 1e-3, "final_lr": 1e-4, "warmup_steps": 1, "decay_start": 1}
+    raw["transformer"]["uncond"] = {"steps": 4, "schedule": schedule}
+    section = parse_params(raw).transformer
+    both = train_with_uncond_copy(section, seed=0, plots_dir=tmp_path / "plots")
+    copy = both.metrics["uncond"]
+    fresh = train_transformer(section.uncond_section().model_copy(update={"out_dir": str(tmp_path / "new")}))
+    model, _ = load_transformer(str(tmp_path / "vim" / "uncond" / "transformer.safetensors"))
+    assert model.num_classes == 0 and load_transformer(str(both.model_path))[0].num_classes == 10
+    assert copy["steps"] == 4 and copy["fingerprint"] not in (
+        fresh.metrics["fingerprint"],
+        both.metrics["fingerprint"],
+    )
+    curve = (tmp_path / "vim" / "uncond" / "plots" / "transformer_val_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,val_loss" and len(curve) == 2  # one checkpoint, at step 4
+    assert copy["best_val_loss"] < fresh.metrics["best_val_loss"] - 0.5  # 4.0 vs 5.1 here
 
 
 def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
