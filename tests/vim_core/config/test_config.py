@@ -177,7 +177,7 @@ def test_the_unconditional_copy_is_the_vim_unconditional_in_folders_of_its_own()
     assert copy.resolved_model() == TransformerModelConfig(
         layers=4, heads=4, dim=192, mlp_dim=768, dropout=0.1, num_classes=0, cfg_dropout=0.0
     )
-    assert (copy.train.steps, copy.train.schedule.peak_lr, copy.uncond) == (600, 1e-3, None)
+    assert (copy.train.steps, copy.train.schedule.peak_lr, copy.uncond) == (1000, 1e-3, None)
     assert copy.train.batch_size == vim.train.batch_size and copy.train.select == vim.train.select
     assert (copy.out_dir, copy.checkpoint_dir) == (
         "models/transformer/uncond",
