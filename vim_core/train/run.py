@@ -25,7 +25,7 @@ from vim_core.progress import Progress
 from vim_core.train import distributed as vdist
 from vim_core.train.checkpoint import save_checkpoint
 from vim_core.train.loop import enable_tf32, progress, resumable_batches
-from vim_core.train.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from vim_core.train.tracking import CHECKPOINT_KEYS, JsonlTracker, MultiTracker, NullTracker, Tracker
 
 
 @dataclass
@@ -281,7 +281,7 @@ def validating_checkpointer(
         with exported() as module:
             loss = val_loss(module)
             best.record(step, loss, module)
-        tracker.log_metrics({"eval/val_loss": loss}, step)
+        tracker.log_metrics({CHECKPOINT_KEYS[0]: loss}, step)
         save(step)
 
     return checkpoint

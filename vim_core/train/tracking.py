@@ -88,11 +88,17 @@ def save_image(image: np.ndarray | torch.Tensor, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
+# Logged at a checkpoint's step before the checkpoint is saved (train/run.py): a run resumed from it
+# does not log them again, so a resumed JsonlTracker keeps them.
+CHECKPOINT_KEYS = ("eval/val_loss",)
+
+
 class JsonlTracker:
     """Per-step metrics as metrics.jsonl and per-group CSVs that `dvc plots` reads.
 
     start_step > 0 (a resumed run) keeps rows logged before start_step and drops later ones, which the
-    killed run logged after its last checkpoint, so every curve has each step once. start_step 0 starts
+    killed run logged after its last checkpoint, so every curve has each step once. At start_step itself
+    it keeps the CHECKPOINT_KEYS, which the checkpoint logged before it was saved. start_step 0 starts
     the files afresh.
     """
 
@@ -122,8 +128,13 @@ class JsonlTracker:
         if self.start_step > 0 and self.jsonl.exists():
             for line in self.jsonl.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] < self.start_step:
+                    record = json.loads(line)
+                    if record["step"] < self.start_step:
                         kept.append(line)
+                    elif record["step"] == self.start_step:
+                        saved = {k: v for k, v in record.items() if k in CHECKPOINT_KEYS}
+                        if saved:
+                            kept.append(json.dumps({"step": record["step"], **saved}))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut short by a kill
         atomic_write_text(self.jsonl, "".join(f"{line}\n" for line in kept))
@@ -139,12 +150,16 @@ class JsonlTracker:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or ["step"])
+                saved = [c for c in header[1:] if f"{group}/{c}" in CHECKPOINT_KEYS]
                 for row in reader:
                     try:
-                        if int(row["step"]) < self.start_step:
-                            rows.append(row)
+                        step = int(row["step"])
                     except (TypeError, ValueError):
                         continue
+                    if step < self.start_step:
+                        rows.append(row)
+                    elif step == self.start_step and any(row.get(c) for c in saved):
+                        rows.append({"step": row["step"], **{c: row[c] for c in saved}})
         self._columns[group] = header
         self._rewrite(group, rows)
 

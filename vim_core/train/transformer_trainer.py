@@ -204,10 +204,9 @@ def train_transformer(
         )
         save = run.validating_checkpointer(save, best, exported, val_loss, tracker)
     model.train()
+    label = "pretrain_transformer" if init_from is None else "pretrain_transformer (unconditional copy)"
     step_seconds: list[float] = []
-    seconds = run.run_steps(
-        ctx, t, budget.steps, start, batches, step_fn, save, tracker, "pretrain_transformer", step_seconds
-    )
+    seconds = run.run_steps(ctx, t, budget.steps, start, batches, step_fn, save, tracker, label, step_seconds)
     if ema is not None:
         ema.copy_to(model)
     selected = run.select_weights(t.select, best, model)

@@ -107,7 +107,8 @@ class VIM(nn.Module):
     def start_from_conditional(self, source: "VIM") -> None:
         """Make this unconditional VIM a copy of the class-conditional `source` whose start vector is the
         source's null-class embedding: before any step it predicts what the source predicts for the null
-        class. A source of another shape, or one that is not class-conditional, is a ValueError."""
+        class. A source that is not class-conditional, or whose parts differ, is a ValueError; one whose
+        tensors have other shapes is load_state_dict's RuntimeError."""
         if self.num_classes != 0 or source.num_classes == 0:
             raise ValueError("want a class-conditional VIM to start an unconditional one from")
         state = {k: v for k, v in source.state_dict().items() if k != "cls_emb.weight"}

@@ -359,18 +359,24 @@ def test_jsonl_tracker_writes_dvc_csvs_and_resumes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert records[5] == {"step": 5, "loss/total": 0.1, "loss/perceptual": None}
 
-    # resumed from a checkpoint at step 3: rows 3..5 came after it and are dropped, then re-logged
+    # the checkpoint at step 3 logged its val loss (and a final eval figure came later, at 5)
+    t.log_metrics({"eval/val_loss": 2.5}, 3)
+    t.log_metrics({"eval/val_loss": 2.0, "eval/rfid": 7.0}, 5)
+
+    # resumed from that checkpoint: rows 3..5 came after it and are dropped, then re-logged; the val
+    # loss of step 3 was logged before the checkpoint was saved, so it stays (the resumed run will not
+    # log it again), and so does nothing else of steps >= 3
     t2 = JsonlTracker(tmp_path / "out", plots_dir=tmp_path / "plots", prefix="tokenizer", start_step=3)
     t2.log_metrics({"loss/total": 9.0}, 3)
     loss = (tmp_path / "plots" / "tokenizer_loss.csv").read_text().splitlines()
     assert loss[0] == "step,total,vq,perceptual"
     assert [r.split(",")[0] for r in loss[1:]] == ["0", "1", "2", "3"] and loss[4] == "3,9.0,,"
-    assert [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    t2.log_metrics({"eval/val_loss": 1.5}, 6)
+    val = (tmp_path / "plots" / "tokenizer_eval.csv").read_text().splitlines()
+    assert val == ["step,val_loss,rfid", "3,2.5,", "6,1.5,"]
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 3, 6]
+    assert records[3] == {"step": 3, "eval/val_loss": 2.5}
 
     # a fresh run (start_step 0) starts the files over
     JsonlTracker(tmp_path / "out", plots_dir=tmp_path / "plots", prefix="tokenizer").log_metrics(
