@@ -1,22 +1,26 @@
-"""A run's tracking calls, delivered in order, held while the MLflow server is away and replayed on its return.
+"""A run's tracking calls, delivered in order; from the first one the MLflow server does not take, kept in a
+journal on disk and replayed from there when the server answers again.
 
 MLflow's client retries a failed call for minutes and then raises, so a server restart in the middle of a
 stage would first stall its training and then kill it. Here each call goes out with MLflow's retries off
 (mlflow_run.quick_http). One that fails because the server is away (mlflow_run.is_outage: refused or
-reset connection, timeout, HTTP 5xx) waits in an in-memory queue, and every later call of the run queues
-behind it, so the run's history keeps its order. Before a later call, at most every PROBE_EVERY seconds,
-a /health probe decides whether to replay the queue. A call MLflow refuses (HTTP 4xx, bad input) is never
-retried: sent directly it raises, replayed it is dropped with an error line.
+reset connection, timeout, HTTP 5xx) starts the run's journal, .vim/outbox/<run id>/ (VIM_OUTBOX_DIR moves
+it): the calls as JSON lines, with copies of the files they name made when the call is held (the trainer
+may rewrite them). Every later call of the run is appended behind it, so the run's history keeps its
+order. Before a later call, at most every PROBE_EVERY seconds, a /health probe decides whether to replay
+the journal. A call MLflow refuses (HTTP 4xx, bad input) is never retried: sent directly it raises,
+replayed it is dropped with an error line.
 
-close() flushes what is left with backoff for VIM_TRACKING_FLUSH seconds. What the server still did not
-take is persisted (atomically) under .vim/outbox/<run id>/ beside the stage's outputs (VIM_OUTBOX_DIR
-moves it): the calls as JSON lines, with copies of the files they name. The stage reports them in one
-warning line (flows.tracking.stage_run) and keeps its outputs. replay_persisted() delivers them, in order,
-once the server answers: every stage does it when it opens its run, and `python -m flows.tracking flush`
-does it on demand. Files a queued call names are copied when it is queued, as the trainer may rewrite them.
+close() replays what is left with backoff for VIM_TRACKING_FLUSH seconds. What the server still did not
+take stays in the journal; the stage reports it in one warning line (flows.tracking.stage_run) and keeps
+its outputs. A journal is on disk from its first call, so a stage killed during an outage loses none of
+them either. replay_persisted() delivers the journals no live process holds (each holder keeps an flock
+on it), in order, once the server answers: every stage does it when it opens its run, and
+`python -m flows.tracking flush` does it on demand.
 """
 
 import atexit
+import fcntl
 import json
 import logging
 import os
@@ -25,13 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 from flows import mlflow_run
 from vim_core.errors import TransientError
-from vim_core.io import atomic_dir, atomic_write_text
+from vim_core.io import atomic_write_text
 from vim_core.redact import redact_url
 
 log = logging.getLogger("vim.tracking")
@@ -40,27 +42,20 @@ PROBE_EVERY = 3.0  # seconds between /health probes while calls wait
 FLUSH_ENV = "VIM_TRACKING_FLUSH"
 DEFAULT_FLUSH_S = 45.0
 DIR_ENV = "VIM_OUTBOX_DIR"
-
+CALLS, META, LOCK = "calls.jsonl", "meta.json", ".lock"
 
 # A training rank spawned by its stage (flows.ranks) holds calls of the stage's run in a process of its
-# own: it keeps them in a folder of its own ("<run id>-rank0"), so the stage's keep does not replace it.
+# own: it keeps them in a journal of its own ("<run id>-rank0"), beside the stage's.
 FOLDER_SUFFIX = ""
 
 
 def outbox_dir() -> Path:
-    """Where undelivered calls are persisted: VIM_OUTBOX_DIR, else .vim/outbox in the repo root."""
+    """Where the journals are: VIM_OUTBOX_DIR, else .vim/outbox in the repo root."""
     return Path(os.environ.get(DIR_ENV) or mlflow_run.REPO / ".vim" / "outbox")
 
 
-@dataclass
-class _Call:
-    op: tuple[str, dict]  # (name, arguments), as apply_op takes them: data, so it can be persisted
-    files: tuple[str, ...]
-    what: str
-
-
 def apply_op(client, run_id: str, name: str, args: dict, files: tuple[str, ...]) -> None:
-    """Make one tracking call described as data (what Outbox.send's `op` and the persisted file hold)."""
+    """Make one tracking call described as data (what Outbox.send's `op` and a journal line hold)."""
     if name == "log_batch":
         from mlflow.entities import Metric, Param
 
@@ -83,6 +78,48 @@ def apply_op(client, run_id: str, name: str, args: dict, files: tuple[str, ...])
         raise ValueError(f"unknown tracking call {name!r}")
 
 
+def _send(client, run_id: str, name: str, args: dict, files) -> None:
+    """One quick try, and a second one at once if the connection broke: after a server restart the first
+    request may go out on a pooled connection the old server closed."""
+    for last in (False, True):
+        try:
+            with mlflow_run.quick_http():
+                return apply_op(client, run_id, name, args, files)
+        except Exception as err:
+            if last or not _broken_connection(err):
+                raise
+
+
+def _deliver(folder: Path, client, uri: str) -> dict[str, int]:
+    """Replay a journal in order until the server is away again; what it took (or refused: dropped with
+    an error line) leaves the journal, and an emptied journal is removed. Returns the counts."""
+    run_id = json.loads((folder / META).read_text())["run_id"]
+    lines = (folder / CALLS).read_text().splitlines()
+    counts = {"delivered": 0, "refused": 0, "left": 0}
+    done = 0
+    for line in lines:
+        try:
+            call = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut short by a kill while it was written
+            done += 1
+            continue
+        try:
+            _send(client, run_id, call["op"], call["args"], tuple(str(folder / f) for f in call["files"]))
+            counts["delivered"] += 1
+        except Exception as err:
+            if mlflow_run.is_outage(err, uri):
+                break
+            counts["refused"] += 1
+            log.error("MLflow refused the held %s of run %s: %s", call["what"], run_id, _first_line(err))
+        done += 1
+    counts["left"] = len(lines) - done
+    if counts["left"]:
+        atomic_write_text(folder / CALLS, "".join(line + "\n" for line in lines[done:]))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    return counts
+
+
 class Outbox:
     """The tracking calls of one run; send() never waits on an absent server for more than one quick try."""
 
@@ -90,11 +127,11 @@ class Outbox:
         self.run_id = run_id
         self.uri = uri or mlflow_run.tracking_uri()
         self._client = None
-        self._queue: deque[_Call] = deque()
         self._lock = threading.RLock()
         self._next_probe = 0.0
-        self._spool: Path | None = None
-        self.persisted: Path | None = None  # where close() kept what the server did not take
+        self._held = 0  # calls in the journal
+        self._owner = None  # the open journal's flock, held while this process appends to it
+        self.persisted: Path | None = None  # the journal close() left for a later replay
 
     @property
     def client(self):
@@ -103,19 +140,23 @@ class Outbox:
         return self._client
 
     @property
+    def folder(self) -> Path:
+        return outbox_dir() / f"{self.run_id}{FOLDER_SUFFIX}"
+
+    @property
     def pending(self) -> int:
-        return len(self._queue)
+        return self._held
 
     def send(self, what: str, op: tuple[str, dict], *files: str) -> None:
-        """Make the call `op` (name, arguments; see apply_op) now, or queue it behind calls the server has
-        not taken yet; `what` names it in log lines."""
+        """Make the call `op` (name, arguments; see apply_op) now, or append it to the journal behind calls
+        the server has not taken yet; `what` names it in log lines."""
         with self._lock:
-            if self._queue:
-                self._queue.append(self._held(op, files, what))
+            if self._held:
+                self._hold(what, op, files)
                 self._replay_if_due()
                 return
             try:
-                self._call(op, files)
+                _send(self.client, self.run_id, *op, files)
             except Exception as err:
                 if not mlflow_run.is_outage(err, self.uri):
                     raise
@@ -125,88 +166,59 @@ class Outbox:
                     what,
                     _first_line(err),
                 )
-                self._queue.append(self._held(op, files, what))
+                self._hold(what, op, files)
                 self._next_probe = time.monotonic() + PROBE_EVERY
 
     def close(self, within: float | None = None) -> int:
-        """Deliver what waits, retrying with backoff for `within` seconds (VIM_TRACKING_FLUSH); return the
-        number of calls not delivered. Those are persisted under outbox_dir() for a later replay (see
-        self.persisted); the spooled copies are dropped either way."""
+        """Replay what waits, retrying with backoff for `within` seconds (VIM_TRACKING_FLUSH); return the
+        number of calls not delivered, left in the journal (self.persisted) for a later replay."""
         if within is None:
             within = mlflow_run.seconds_from_env(FLUSH_ENV, DEFAULT_FLUSH_S)
         with self._lock:
             sleeps = mlflow_run.backoff(within)
-            while self._queue:
+            while self._held:
                 self._next_probe = 0.0
                 self._replay_if_due()
-                pause = next(sleeps, None) if self._queue else None
+                pause = next(sleeps, None) if self._held else None
                 if pause is None:
                     break
                 time.sleep(pause)
-            left = len(self._queue)
-            if left:
-                self.persisted = self._persist()
-            self._queue.clear()
-            if self._spool is not None:
-                shutil.rmtree(self._spool, ignore_errors=True)
-                self._spool = None
+            left = self._held
+            self.persisted = self.folder if left else None
+            if self._owner is not None:
+                self._owner.close()  # releases the flock: the journal is anyone's to replay now
+                self._owner = None
             with _open_lock:
                 _open.pop(self.run_id, None)
             return left
 
-    def _call(self, op: tuple[str, dict], files) -> None:
-        """One quick try, and a second one at once if the connection broke: after a server restart the
-        first request may go out on a pooled connection the old server closed."""
-        for last in (False, True):
-            try:
-                with mlflow_run.quick_http():
-                    return apply_op(self.client, self.run_id, *op, files)
-            except Exception as err:
-                if last or not _broken_connection(err):
-                    raise
-
-    # ---- the queue
-
-    def _persist(self) -> Path:
-        """The held calls as JSON lines (and their files) in outbox_dir()/<run id>, written atomically."""
+    def _hold(self, what: str, op: tuple[str, dict], files) -> None:
+        """Append the call to the journal (started on the first), after copies of the files it names."""
         import numpy as np
 
-        folder = outbox_dir() / f"{self.run_id}{FOLDER_SUFFIX}"
-        with atomic_dir(folder) as tmp:
-            lines = []
-            for i, call in enumerate(self._queue):
-                name, args = call.op
-                files = list(call.files)
-                if "pixels" in args:  # an image held in memory: kept as .npy, never pickled
-                    args = {k: v for k, v in args.items() if k != "pixels"}
-                    files = [f"{i}.npy"]
-                    np.save(tmp / files[0], np.asarray(call.op[1]["pixels"]), allow_pickle=False)
-                else:
-                    for j, src in enumerate(map(Path, call.files)):
-                        dst = tmp / f"{i}-{j}" / src.name
-                        dst.parent.mkdir()
-                        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
-                        files[j] = str(dst.relative_to(tmp))
-                lines.append(json.dumps({"op": name, "args": args, "files": files, "what": call.what}))
-            meta = {"run_id": self.run_id, "uri": redact_url(self.uri), "calls": len(lines)}
-            (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
-            (tmp / "calls.jsonl").write_text("".join(line + "\n" for line in lines))
-        return folder
-
-    def _held(self, op, files, what) -> _Call:
-        if not files:
-            return _Call(op, (), what)
-        if self._spool is None:
-            self._spool = Path(tempfile.mkdtemp(prefix="vim-mlflow-outbox-"))
-        copies = []
+        folder = self.folder
+        if self._owner is None or not (folder / CALLS).exists():  # none yet, or replayed and removed
+            if self._owner is not None:
+                self._owner.close()
+            folder.mkdir(parents=True, exist_ok=True)
+            self._owner = open(folder / LOCK, "w")  # noqa: SIM115 (held open until close())
+            fcntl.flock(self._owner, fcntl.LOCK_EX)
+            meta = {"run_id": self.run_id, "uri": redact_url(self.uri)}
+            atomic_write_text(folder / META, json.dumps(meta) + "\n")
+        name, args = op
+        kept = []
+        if "pixels" in args:  # an image held in memory: kept as .npy, never pickled
+            copy = Path(tempfile.mkdtemp(dir=folder)) / "image.npy"
+            np.save(copy, np.asarray(args["pixels"]), allow_pickle=False)
+            args, kept = {k: v for k, v in args.items() if k != "pixels"}, [copy]
         for src in map(Path, files):
-            dst = Path(tempfile.mkdtemp(dir=self._spool)) / src.name  # keeps the name MLflow stores it under
-            if src.is_dir():
-                shutil.copytree(src, dst)
-            else:
-                shutil.copy2(src, dst)
-            copies.append(str(dst))
-        return _Call(op, tuple(copies), what)
+            copy = Path(tempfile.mkdtemp(dir=folder)) / src.name  # the name MLflow stores it under
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, copy)
+            kept.append(copy)
+        record = {"op": name, "args": args, "files": [str(p.relative_to(folder)) for p in kept], "what": what}
+        with open(folder / CALLS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._held += 1
 
     def _replay_if_due(self) -> None:
         now = time.monotonic()
@@ -217,25 +229,14 @@ class Outbox:
             mlflow_run.check_reachable(self.uri, timeout=2.0)
         except TransientError:
             return
-        delivered = 0
-        while self._queue:
-            call = self._queue[0]
-            try:
-                self._call(call.op, call.files)
-            except Exception as err:
-                if mlflow_run.is_outage(err, self.uri):
-                    break
-                log.error(
-                    "MLflow refused the held %s of run %s: %s", call.what, self.run_id, _first_line(err)
-                )
-            self._queue.popleft()
-            delivered += 1
-        if delivered:
+        counts = _deliver(self.folder, self.client, self.uri)
+        self._held = counts["left"]
+        if counts["delivered"] or counts["refused"]:
             log.info(
                 "MLflow tracking server %s answers again: delivered %d held calls, %d still held",
                 redact_url(self.uri),
-                delivered,
-                len(self._queue),
+                counts["delivered"] + counts["refused"],
+                self._held,
             )
 
 
@@ -283,46 +284,36 @@ def warning_line(box: Outbox, undelivered: int, stage: str | None = None) -> str
 
 
 def replay_persisted(uri: str | None = None) -> dict:
-    """Deliver the calls persisted under outbox_dir(), run by run and in order, to the tracking server
-    (the current MLFLOW_TRACKING_URI; runs persisted for another server are left alone). A call MLflow
-    refuses is dropped with an error line, as a held call is; at an outage the rest stays for next time.
+    """Deliver the journals under outbox_dir() that no live process holds, run by run and in order, to the
+    tracking server (the current MLFLOW_TRACKING_URI; journals of another server are left alone).
     Returns counts: delivered, refused, left, runs (fully replayed), and other_server (runs skipped)."""
     root = outbox_dir()
     counts = {"delivered": 0, "refused": 0, "left": 0, "runs": 0, "other_server": 0}
-    folders = sorted(p for p in root.iterdir() if (p / "calls.jsonl").is_file()) if root.is_dir() else []
+    folders = sorted(p for p in root.iterdir() if (p / CALLS).is_file()) if root.is_dir() else []
     if not folders:
         return counts
     uri = uri or mlflow_run.tracking_uri()
     client = mlflow_run.client()
     for folder in folders:
-        meta = json.loads((folder / "meta.json").read_text())
-        lines = (folder / "calls.jsonl").read_text().splitlines()
-        if meta.get("uri") != redact_url(uri):
-            counts["other_server"] += 1
-            counts["left"] += len(lines)
+        try:
+            lock = open(folder / LOCK, "a")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:  # its holder replayed and removed it meanwhile
             continue
-        done = 0
-        for line in lines:
-            call = json.loads(line)
-            files = tuple(str(folder / f) for f in call["files"])
+        with lock:
             try:
-                with mlflow_run.quick_http():
-                    apply_op(client, meta["run_id"], call["op"], call["args"], files)
-                counts["delivered"] += 1
-            except Exception as err:
-                if mlflow_run.is_outage(err, uri):
-                    break
-                counts["refused"] += 1
-                log.error(
-                    "MLflow refused the kept %s of run %s: %s", call["what"], meta["run_id"], _first_line(err)
-                )
-            done += 1
-        if done == len(lines):
-            shutil.rmtree(folder, ignore_errors=True)
-            counts["runs"] += 1
-        else:
-            atomic_write_text(folder / "calls.jsonl", "".join(line + "\n" for line in lines[done:]))
-            counts["left"] += len(lines) - done
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live stage still appends to it and replays it itself
+                continue
+            if not (folder / CALLS).is_file():
+                continue
+            if json.loads((folder / META).read_text()).get("uri") != redact_url(uri):
+                counts["other_server"] += 1
+                counts["left"] += len((folder / CALLS).read_text().splitlines())
+                continue
+            done = _deliver(folder, client, uri)
+        for key in ("delivered", "refused", "left"):
+            counts[key] += done[key]
+        counts["runs"] += not done["left"]
     return counts
 
 

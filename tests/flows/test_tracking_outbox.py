@@ -154,3 +154,46 @@ def test_calls_kept_past_the_stage_are_replayed_by_the_next_stage(live, monkeypa
     with stage_run("tokenize_dataset"):
         pass
     _complete(run_id, tmp_path)
+
+
+_HOLDER = """
+import sys, time
+from flows.tracking import stage_run
+with stage_run("train_tokenizer", {"seed": 5}) as t:
+    t.log_metrics({"loss/total": 1.0}, step=0)
+    print(t.run_id, flush=True)
+    sys.stdin.readline()  # the server is killed meanwhile
+    for step in (1, 2, 3):
+        t.log_metrics({"loss/total": 1.0 - step / 10}, step=step)
+    print("held", t.outbox.pending, flush=True)
+    time.sleep(600)  # killed here, its calls never flushed
+"""
+
+
+@pytest.mark.slow  # a stage process of its own
+def test_a_stage_killed_during_an_outage_keeps_its_held_calls_for_the_next_stage(live, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        run_id = child.stdout.readline().strip()
+        servers.kill(live["proc"])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split() == ["held", "3"]
+        journal = outbox.outbox_dir() / run_id
+        assert len((journal / "calls.jsonl").read_text().splitlines()) == 3  # on disk before any close
+        _restart(live)
+        # the holder is alive (and would replay it itself): no one else replays its journal
+        assert outbox.replay_persisted()["delivered"] == 0 and journal.is_dir()
+    finally:
+        child.kill()
+        child.wait()
+    with stage_run("tokenize_dataset"):  # the next stage replays what the killed one held
+        pass
+    c = mlflow_run.client()
+    history = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "loss/total"))
+    assert history == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 0.7)]
+    assert c.get_run(run_id).info.status == "RUNNING"  # its end was never sent: the run says so
+    assert not journal.exists()
