@@ -64,7 +64,8 @@ RETRY = transient_retries()
 
 
 def model_files(params: Params) -> dict[str, str]:
-    """The pipeline's exported weights (relative to the working directory), checked to belong together."""
+    """The pipeline's exported weights (relative to the working directory), checked to belong together:
+    the tokenizer, the transformer and, where transformer.uncond trains one, its unconditional copy."""
     from vim_core.io import sha256_file
     from vim_core.transformer.export import load_transformer
 
@@ -72,15 +73,18 @@ def model_files(params: Params) -> dict[str, str]:
         "tokenizer": str(Path(params.tokenizer.out_dir) / "tokenizer.safetensors"),
         "transformer": str(Path(params.transformer.out_dir) / "transformer.safetensors"),
     }
+    if (copy := params.transformer.uncond_section()) is not None:
+        files["transformer_uncond"] = str(Path(copy.out_dir) / "transformer.safetensors")
     for path in files.values():
         if not Path(path).is_file():
             raise VimError(f"{path} is missing; run the pipeline (dvc repro) first")
-    _, extra = load_transformer(files["transformer"])
-    expected = extra.get("tokenizer_sha256")
-    if expected and expected != sha256_file(files["tokenizer"]):
-        raise VimError(
-            f"{files['transformer']} was trained on tokens of another tokenizer than {files['tokenizer']}"
-        )
+    tokenizer_sha = sha256_file(files["tokenizer"])
+    for key in ("transformer", "transformer_uncond"):
+        expected = load_transformer(files[key])[1].get("tokenizer_sha256") if key in files else None
+        if expected and expected != tokenizer_sha:
+            raise VimError(
+                f"{files[key]} was trained on tokens of another tokenizer than {files['tokenizer']}"
+            )
     return files
 
 
@@ -181,6 +185,10 @@ def log_model(params: Params, run_id: str) -> str:
     files = model_files(params)
     defaults = sampling_defaults(params, evaluated_sampling(params))
     with _mlflow_io(), _in_run(run_id), vim_core_source() as code, warnings.catch_warnings():
+        if "transformer_uncond" in files:  # artifacts keep their file names: the copy's must differ
+            named = Path(code).parent / "transformer_uncond.safetensors"
+            shutil.copy2(files["transformer_uncond"], named)
+            files = {**files, "transformer_uncond": str(named)}
         # the signature is explicit; an input example would only make MLflow sample at log time
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = mlflow.pyfunc.log_model(

@@ -9,8 +9,10 @@ the model's code folder, so no pickled object is ever loaded. model_config holds
 the pipeline evaluated with.
 
 Class ids come as a DataFrame with a `class_id` column (what `mlflow models serve` hands over for
-{"dataframe_records": [{"class_id": 3}]}), or a list or array of ints. Sampling options are predict
-params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size.
+{"dataframe_records": [{"class_id": 3}]}), or a list or array of ints. Where the pipeline trained an
+unconditional copy (transformer.uncond), its weights are the artifact transformer_uncond and class id -1
+asks it for an unconditional image (docs/model.md says why it beats the null class). Sampling options are
+predict params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size.
 
 A request holds at most max_images() images: 256, or the
 VIM_MAX_IMAGES_PER_REQUEST environment variable of the serving process. A bigger one is refused with
@@ -80,13 +82,13 @@ def _raw_class_ids(model_input):
     return model_input
 
 
-def class_ids(model_input, num_classes: int = 0) -> np.ndarray:
+def class_ids(model_input, num_classes: int = 0, unconditional: bool = False) -> np.ndarray:
     """int64 class ids from a DataFrame (its `class_id` column, else its only, unnamed column), list, array
     or dict. MLflow's schema check runs first: it refuses text and fractions itself (also HTTP 400), and
     reads nested lists as rows whose first column is the class id, so those never reach this check."""
     from vim_core.transformer.requests import class_ids as checked
 
-    return checked(_raw_class_ids(model_input), num_classes, max_images(), _cap_note())
+    return checked(_raw_class_ids(model_input), num_classes, max_images(), _cap_note(), unconditional)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -119,6 +121,8 @@ class VimModel(PythonModel):
         self.device = torch.device("cpu")
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"]).eval()
         self.transformer, _ = load_transformer(context.artifacts["transformer"])
+        copy = context.artifacts.get("transformer_uncond")
+        self.uncond = load_transformer(copy)[0] if copy else None
 
     def predict(self, context, model_input, params: dict | None = None):
         import pandas as pd
@@ -127,7 +131,7 @@ class VimModel(PythonModel):
 
         # Every refusal of vim_core's checks (and of sampling itself) is the caller's mistake: HTTP 400.
         try:
-            ids = class_ids(model_input, self.transformer.num_classes)
+            ids = class_ids(model_input, self.transformer.num_classes, self.uncond is not None)
             tokens = self.sample(ids, {**self.defaults, **(params or {})})
         except VimError as err:
             raise _bad_input(str(err)) from None
@@ -137,15 +141,22 @@ class VimModel(PythonModel):
     def sample(self, ids: np.ndarray, opts: dict):
         import torch
 
-        from vim_core.transformer.requests import sampling_options
+        from vim_core.transformer.requests import UNCONDITIONAL, sampling_options
         from vim_core.transformer.sampling import sample
 
         model = self.transformer
         checked = sampling_options(opts, len(ids), model.vocab_size)
-        labels = torch.from_numpy(ids) if model.num_classes > 0 else None  # unconditional: ids only count
-        if labels is None:
-            checked["cfg_scale"] = 1.0
-        return sample(model, len(ids), labels, device=self.device, **checked)
+        if model.num_classes == 0:  # unconditional: the ids only count the images
+            return sample(model, len(ids), None, device=self.device, **{**checked, "cfg_scale": 1.0})
+        free = torch.from_numpy(ids == UNCONDITIONAL)
+        tokens = torch.empty(len(ids), model.seq_len, dtype=torch.long)
+        if not free.all():
+            labels = torch.from_numpy(ids)[~free]
+            tokens[~free] = sample(model, len(labels), labels, device=self.device, **checked)
+        if free.any():  # the unconditional copy: no class, so no guidance
+            n = int(free.sum())
+            tokens[free] = sample(self.uncond, n, None, device=self.device, **{**checked, "cfg_scale": 1.0})
+        return tokens
 
 
 mlflow.models.set_model(VimModel())

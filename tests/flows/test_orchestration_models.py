@@ -52,10 +52,11 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    """Params whose tokenizer and transformer files hold random micro models."""
+    """Params whose tokenizer, transformer and unconditional copy files hold random micro models."""
     tmp = tmp_path_factory.mktemp("micro")
     raw = stage2_params(tmp)
     raw["transformer"]["sampling"] = {"temperature": 0.9, "top_k": 32, "seed": 3, "batch_size": 8}
+    raw["transformer"]["uncond"] = {"steps": 40}
     raw["evaluate"] = {"cfg_scale": 2.5}
     params = parse_params(raw)
     torch.manual_seed(0)
@@ -67,6 +68,14 @@ def micro(tmp_path_factory):
     vim_path = Path(params.transformer.out_dir) / "transformer.safetensors"
     vim_path.parent.mkdir(parents=True)
     save_transformer(vim, str(vim_path), extra={"tokenizer_sha256": sha256_file(tok_path)})
+    copy_section = params.transformer.uncond_section()
+    copy = VIM(copy_section.resolved_model(), tok.codebook_size, (8, 8))
+    copy.start_from_conditional(vim)
+    with torch.no_grad():
+        copy.head.weight.mul_(3.0)  # not the null class's predictions, so its samples tell it apart
+    copy_path = Path(copy_section.out_dir) / "transformer.safetensors"
+    copy_path.parent.mkdir(parents=True)
+    save_transformer(copy, str(copy_path), extra={"tokenizer_sha256": sha256_file(tok_path)})
     return params
 
 
@@ -106,7 +115,7 @@ def test_models_are_logged_from_code_with_signatures_weights_and_pins(logged, mi
     assert pyfunc["model_code_path"].endswith("pyfunc_models.py")  # models-from-code, nothing pickled
     assert not list(local.rglob("*.pkl"))
     weights = sorted(p.name for p in local.rglob("*.safetensors"))
-    assert weights == ["tokenizer.safetensors", "transformer.safetensors"]
+    assert weights == ["tokenizer.safetensors", "transformer.safetensors", "transformer_uncond.safetensors"]
     assert (local / "code" / "vim_core" / "transformer" / "sampling.py").is_file()
     assert not list((local / "code").rglob("*.npz"))  # the embedded dataset stays out
     reqs = (local / "requirements.txt").read_text().split()
@@ -127,11 +136,43 @@ def test_generator_takes_class_ids_and_sampling_options(logged):
     other = gen.predict([4, 0, 9], params=options)
     assert list(other.image_png) != list(out.image_png)
     assert list(gen.predict([4, 0, 9], params=options).image_png) == list(other.image_png)
-    with pytest.raises(MlflowException, match=r"0\.\.9") as err:
+    with pytest.raises(MlflowException, match=r"-1\.\.9 \(-1: an unconditional image\)") as err:
         gen.predict([3, 10])
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     with pytest.raises(MlflowException, match="temperature"):
         gen.predict([1], params={"temperature": -1.0})
+
+
+def test_class_id_minus_one_is_drawn_by_the_unconditional_copy(logged, micro):
+    """-1 samples the copy (not the null class), each id's image stays what it is alone; a version
+    without a copy refuses -1."""
+    from mlflow.exceptions import MlflowException
+
+    from vim_core.tokenizer.export import load_tokenizer
+    from vim_core.transformer.export import load_transformer
+    from vim_core.transformer.requests import sampling_options
+    from vim_core.transformer.sampling import sample
+
+    gen = _load(logged)
+    mixed = gen.predict([-1, 4, -1])
+    assert list(mixed.class_id) == [-1, 4, -1]
+    assert mixed.image_png[1] == gen.predict([4]).image_png[0]  # a class's draw is not moved by -1s
+    assert list(gen.predict([-1, -1]).image_png) == [mixed.image_png[0], mixed.image_png[2]]
+    # the copy's draws, and not the null class's, with the generator's defaults (no guidance)
+    tokenizer = load_tokenizer(str(Path(micro.tokenizer.out_dir) / "tokenizer.safetensors")).eval()
+    defaults = {"temperature": 0.9, "top_k": 32, "top_p": 1.0, "cfg_scale": 1.0, "seed": 3, "batch_size": 8}
+    for file, is_copy in (("uncond/transformer.safetensors", True), ("transformer.safetensors", False)):
+        model = load_transformer(str(Path(micro.transformer.out_dir) / file))[0]
+        opts = sampling_options(defaults, 2, model.vocab_size)
+        pixels = tokenizer.decode_uint8(sample(model, 2, None, **opts))  # None: the VIM's null class
+        drawn = [decode_png(s).tolist() for s in mixed.image_png[::2]]
+        assert [d == p[0].tolist() for d, p in zip(drawn, pixels, strict=True)] == [is_copy, is_copy]
+    without = micro.model_copy(update={"transformer": micro.transformer.model_copy(update={"uncond": None})})
+    with tracking.stage_run("publish") as t:
+        plain = _load(publish.log_model.fn(without, t.run_id))
+    with pytest.raises(MlflowException, match=r"0\.\.9, got \[-1\]") as err:
+        plain.predict([-1])
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_tokenizer_and_transformer_load_from_the_registered_model(logged, micro):

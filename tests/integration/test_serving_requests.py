@@ -46,13 +46,26 @@ CASES = {
     "req_seed_null": ([1], {"seed": None}, "seed must be a number, got None"),
     "req_seed_list": ([1], {"seed": [1, 2]}, MLFLOW_PARAMS),
     "req_empty_list": ([], None, "Model inference is missing inputs"),  # MLflow's schema check
-    "req_class_id_out_of_range": ([3, 10], None, "class ids must be in 0..9, got [10]"),
-    "req_class_id_negative": ([-1], None, "class ids must be in 0..9, got [-1]"),
+    # the micro generator has an unconditional copy: -1 asks it for an image, -2 is nothing
+    "req_class_id_out_of_range": (
+        [3, 10],
+        None,
+        "class ids must be in -1..9 (-1: an unconditional image), got [10]",
+    ),
+    "req_class_id_negative": (
+        [-2],
+        None,
+        "class ids must be in -1..9 (-1: an unconditional image), got [-2]",
+    ),
     # MLflow's schema check answers these first: in-process "Can not safely convert float64 to int64",
     # over HTTP its parser's "Python int too large to convert to C long".
     "req_class_id_absurd": ([1e30], None, ("Can not safely convert float64", "Python int too large")),
     "req_class_id_text": (["seven"], None, "seven"),  # MLflow's own parse refuses it (in-process: its schema)
-    "req_class_id_huge_int": ([2**40], None, "class ids must be in 0..9, got [1099511627776]"),
+    "req_class_id_huge_int": (
+        [2**40],
+        None,
+        "class ids must be in -1..9 (-1: an unconditional image), got [1099511627776]",
+    ),
     "req_too_many_images": (list(range(10)) * 30, None, "300 class ids in one request; at most 256"),
 }
 # Only in-process: forms that JSON cannot carry as such.
@@ -161,9 +174,10 @@ def test_bad_request_over_http(case, served):
 
 @pytest.mark.slow
 def test_good_request_over_http_after_bad_ones(served):
-    """The server is still healthy after every refusal, and a clamped request is served."""
-    status, answer = _post(served, {"inputs": [1, 2], "params": {"top_k": 10**9, "batch_size": 10**9}})
+    """The server is still healthy after every refusal, and a clamped request is served, an unconditional
+    image (-1) included."""
+    status, answer = _post(served, {"inputs": [1, -1], "params": {"top_k": 10**9, "batch_size": 10**9}})
     assert status == 200 and len(answer["predictions"]) == 2, answer
     assert all(isinstance(row["image_png"], str) for row in answer["predictions"])
     assert not math.isnan(float(answer["predictions"][0]["class_id"]))
-    np.testing.assert_array_equal([row["class_id"] for row in answer["predictions"]], [1, 2])
+    np.testing.assert_array_equal([row["class_id"] for row in answer["predictions"]], [1, -1])

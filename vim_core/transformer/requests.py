@@ -14,7 +14,8 @@ Policy (docs/reliability.md): a value that can only mean one thing is clamped, a
   outside 0..MAX_CFG_SCALE, seed outside 0..2**63-1, batch_size < 1.
 - inputs: class ids must be a flat, non-empty list of integers (a DataFrame column, a list, an array or
   {"class_id": [...]}), at most `cap` of them, each in 0..num_classes-1 (any integer >= 0 for an
-  unconditional model, where the ids only count the images). Images to encode must be whole numbers in
+  unconditional model, where the ids only count the images), or UNCONDITIONAL (-1) where the served
+  model holds an unconditional copy (transformer.uncond). Images to encode must be whole numbers in
   0..255 of the model's shape.
 """
 
@@ -29,6 +30,7 @@ MAX_TEMPERATURE = 100.0
 MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**63 - 1
 MAX_CLASS_ID = 2**31 - 1  # for unconditional models; conditional ones are bounded by num_classes
+UNCONDITIONAL = -1  # the class id that asks a class-conditional model's unconditional copy for an image
 DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0, "batch_size": 64}
 
 
@@ -91,9 +93,12 @@ def sampling_options(opts: dict, n_images: int, vocab_size: int) -> dict:
     }
 
 
-def class_ids(values, num_classes: int, cap: int, cap_note: str = "") -> np.ndarray:
+def class_ids(
+    values, num_classes: int, cap: int, cap_note: str = "", unconditional: bool = False
+) -> np.ndarray:
     """int64 class ids from a flat sequence (already taken out of a DataFrame or dict by the caller);
-    cap_note follows the cap in the refusal (how the server's operator raises it)."""
+    cap_note follows the cap in the refusal (how the server's operator raises it). `unconditional`: the
+    model has an unconditional copy, so UNCONDITIONAL is an id too."""
     if isinstance(values, (str, bytes)):
         raise BadRequest(f"class ids must be integers, got text {_shown(values)}")
     if np.isscalar(values) or isinstance(values, numbers.Number):
@@ -112,9 +117,11 @@ def class_ids(values, num_classes: int, cap: int, cap_note: str = "") -> np.ndar
         raise BadRequest(f"{arr.size} class ids in one request; at most {cap}{cap_note}")
     ids = [_class_id(v) for v in arr]
     high = num_classes - 1 if num_classes > 0 else MAX_CLASS_ID
-    bad = [i for i in ids if not 0 <= i <= high]
+    low = UNCONDITIONAL if unconditional and num_classes > 0 else 0
+    bad = [i for i in ids if not low <= i <= high]
     if bad:
-        raise BadRequest(f"class ids must be in 0..{high}, got {bad[:5]}")
+        also = f" ({UNCONDITIONAL}: an unconditional image)" if low < 0 else ""
+        raise BadRequest(f"class ids must be in {low}..{high}{also}, got {bad[:5]}")
     return np.asarray(ids, dtype=np.int64)
 
 
