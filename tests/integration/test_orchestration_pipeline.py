@@ -369,10 +369,10 @@ def test_models_serve_answers_invocations_with_images(orch, first, mlflow_uri, t
         assert all(decode_png(r["image_png"]).shape == (32, 32) for r in rows)
         local = mlflow.pyfunc.load_model("models:/vim@champion").predict([3, 5], params=body["params"])
         assert [r["image_png"] for r in rows] == list(local.image_png)  # same seed, same pixels, any process
-        status, answer = _post(f"{url}/invocations", {"inputs": [1, 2, 4]})
-        assert status == 200 and len(answer["predictions"]) == 3
+        status, answer = _post(f"{url}/invocations", {"inputs": [1, -1, 4]})  # -1: the unconditional copy
+        assert status == 200 and [r["class_id"] for r in answer["predictions"]] == [1, -1, 4]
         status, answer = _post(f"{url}/invocations", {"dataframe_records": [{"class_id": 42}]})
-        assert status == 400 and "0..9" in answer["message"]
+        assert status == 400 and "-1..9 (-1: an unconditional image), got [42]" in answer["message"]
     finally:
         servers.stop(proc)
 
