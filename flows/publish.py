@@ -119,7 +119,9 @@ def signature(files: dict[str, str], defaults: dict):
     return ModelSignature(
         inputs=Schema([ColSpec("long")]),  # unnamed: a DataFrame column, a list or an array all fit
         outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "image_png")]),
-        params=ParamSchema([ParamSpec(k, kinds.get(k, "long"), v) for k, v in defaults.items()]),
+        params=ParamSchema(
+            [ParamSpec(k, kinds.get(k.removeprefix("uncond_"), "long"), v) for k, v in defaults.items()]
+        ),
     )
 
 
@@ -184,6 +186,9 @@ def log_model(params: Params, run_id: str) -> str:
     check_reachable()
     files = model_files(params)
     defaults = sampling_defaults(params, evaluated_sampling(params))
+    if "transformer_uncond" in files:  # class id -1's own options: evaluate's pick for the copy's draws
+        free = sampling_defaults(params, evaluated_sampling(params, "generation_uncond"))
+        defaults |= {f"uncond_{k}": free[k] for k in ("temperature", "top_k", "top_p")}
     with _mlflow_io(), _in_run(run_id), vim_core_source() as code, warnings.catch_warnings():
         if "transformer_uncond" in files:  # artifacts keep their file names: the copy's must differ
             named = Path(code).parent / "transformer_uncond.safetensors"
@@ -239,8 +244,9 @@ def compare_with_champion(decision: dict) -> None:
 # ---- checks before anything is registered
 
 
-def evaluated_sampling(params: Params) -> dict:
-    """definitions.generation of eval.json, where a sampling search picked the guidance scale.
+def evaluated_sampling(params: Params, which: str = "generation") -> dict:
+    """definitions.generation of eval.json (or `which`: generation_uncond, the unconditional samples'),
+    where a sampling search picked the settings.
 
     Without a search, params alone say how evaluate sampled, and this is empty. With one, the eval.json
     must be the one these params scored (same eval-config hash), or the generator would serve the pick
@@ -254,7 +260,7 @@ def evaluated_sampling(params: Params) -> dict:
     data = json.loads(path.read_text()) if path.is_file() else {}
     if data.get("eval_config_hash") != eval_config_hash(params):
         raise VimError(f"{path} is missing or was scored with other eval settings; run dvc repro first")
-    return data.get("definitions", {}).get("generation", {})
+    return data.get("definitions", {}).get(which, {})
 
 
 def eval_metrics(params: Params) -> tuple[dict[str, float], str]:

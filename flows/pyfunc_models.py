@@ -12,7 +12,8 @@ Class ids come as a DataFrame with a `class_id` column (what `mlflow models serv
 {"dataframe_records": [{"class_id": 3}]}), or a list or array of ints. Where the pipeline trained an
 unconditional copy (transformer.uncond), its weights are the artifact transformer_uncond and class id -1
 asks it for an unconditional image (docs/model.md says why it beats the null class). Sampling options are
-predict params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size.
+predict params: temperature, top_k (0: off), top_p (1.0: off), cfg_scale, seed, batch_size; with a copy,
+uncond_temperature, uncond_top_k and uncond_top_p are the -1 images' own (no guidance for those).
 
 A request holds at most max_images() images: 256, or the
 VIM_MAX_IMAGES_PER_REQUEST environment variable of the serving process. A bigger one is refused with
@@ -31,6 +32,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale", "seed", "batch_size")
+UNCOND = "uncond_"  # the prefix of the options of the copy's draws, e.g. uncond_temperature
 
 
 MAX_IMAGES_PER_REQUEST = 256
@@ -117,7 +119,8 @@ class VimModel(PythonModel):
         from vim_core.tokenizer.export import load_tokenizer
         from vim_core.transformer.export import load_transformer
 
-        self.defaults = {k: v for k, v in (context.model_config or {}).items() if k in SAMPLING}
+        config = context.model_config or {}
+        self.defaults = {k: v for k, v in config.items() if k.removeprefix(UNCOND) in SAMPLING}
         self.device = torch.device("cpu")
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"]).eval()
         self.transformer, _ = load_transformer(context.artifacts["transformer"])
@@ -148,14 +151,16 @@ class VimModel(PythonModel):
         checked = sampling_options(opts, len(ids), model.vocab_size)
         if model.num_classes == 0:  # unconditional: the ids only count the images
             return sample(model, len(ids), None, device=self.device, **{**checked, "cfg_scale": 1.0})
+        if self.uncond is not None:  # checked even with no -1 in the request: a bad value is refused
+            own = {k.removeprefix(UNCOND): v for k, v in opts.items() if k.startswith(UNCOND)}
+            free_opts = {**sampling_options({**opts, **own}, len(ids), model.vocab_size), "cfg_scale": 1.0}
         free = torch.from_numpy(ids == UNCONDITIONAL)
         tokens = torch.empty(len(ids), model.seq_len, dtype=torch.long)
         if not free.all():
             labels = torch.from_numpy(ids)[~free]
             tokens[~free] = sample(model, len(labels), labels, device=self.device, **checked)
         if free.any():  # the unconditional copy: no class, so no guidance
-            n = int(free.sum())
-            tokens[free] = sample(self.uncond, n, None, device=self.device, **{**checked, "cfg_scale": 1.0})
+            tokens[free] = sample(self.uncond, int(free.sum()), None, device=self.device, **free_opts)
         return tokens
 
 

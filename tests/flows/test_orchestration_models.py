@@ -107,6 +107,10 @@ def test_models_are_logged_from_code_with_signatures_weights_and_pins(logged, mi
         "cfg_scale": 2.5,
         "seed": 3,
         "batch_size": 8,
+        # the unconditional copy's draws (class id -1): with no search, the params' own
+        "uncond_temperature": 0.9,
+        "uncond_top_k": 32,
+        "uncond_top_p": 1.0,
     }
 
     local = Path(mlflow.artifacts.download_artifacts(logged))
@@ -158,6 +162,11 @@ def test_class_id_minus_one_is_drawn_by_the_unconditional_copy(logged, micro):
     assert list(mixed.class_id) == [-1, 4, -1]
     assert mixed.image_png[1] == gen.predict([4]).image_png[0]  # a class's draw is not moved by -1s
     assert list(gen.predict([-1, -1]).image_png) == [mixed.image_png[0], mixed.image_png[2]]
+    hotter = gen.predict([-1, 4], params={"uncond_temperature": 1.5, "uncond_top_k": 0})  # -1's own options
+    assert hotter.image_png[0] != mixed.image_png[0] and hotter.image_png[1] == mixed.image_png[1]
+    with pytest.raises(MlflowException, match="temperature must be in") as err:
+        gen.predict([4], params={"uncond_temperature": -1.0})  # refused even with no -1 to draw
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     # the copy's draws, and not the null class's, with the generator's defaults (no guidance)
     tokenizer = load_tokenizer(str(Path(micro.tokenizer.out_dir) / "tokenizer.safetensors")).eval()
     defaults = {"temperature": 0.9, "top_k": 32, "top_p": 1.0, "cfg_scale": 1.0, "seed": 3, "batch_size": 8}
