@@ -185,9 +185,7 @@ class Outbox:
                 time.sleep(pause)
             left = self._held
             self.persisted = self.folder if left else None
-            if self._owner is not None:
-                self._owner.close()  # releases the flock: the journal is anyone's to replay now
-                self._owner = None
+            self._release()  # the journal is anyone's to replay now
             with _open_lock:
                 _open.pop(self.run_id, None)
             return left
@@ -197,9 +195,7 @@ class Outbox:
         import numpy as np
 
         folder = self.folder
-        if self._owner is None or not (folder / CALLS).exists():  # none yet, or replayed and removed
-            if self._owner is not None:
-                self._owner.close()
+        if self._owner is None:  # no journal yet, or the last one was replayed whole and removed
             folder.mkdir(parents=True, exist_ok=True)
             self._owner = open(folder / LOCK, "w")  # noqa: SIM115 (held open until close())
             fcntl.flock(self._owner, fcntl.LOCK_EX)
@@ -220,6 +216,12 @@ class Outbox:
             f.write(json.dumps(record) + "\n")
         self._held += 1
 
+    def _release(self) -> None:
+        """Let go of the journal's flock (closing its file), if this process holds one."""
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
+
     def _replay_if_due(self) -> None:
         now = time.monotonic()
         if now < self._next_probe:
@@ -231,6 +233,8 @@ class Outbox:
             return
         counts = _deliver(self.folder, self.client, self.uri)
         self._held = counts["left"]
+        if not self._held:  # _deliver removed the emptied journal
+            self._release()
         if counts["delivered"] or counts["refused"]:
             log.info(
                 "MLflow tracking server %s answers again: delivered %d held calls, %d still held",
