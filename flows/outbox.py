@@ -290,9 +290,10 @@ def warning_line(box: Outbox, undelivered: int, stage: str | None = None) -> str
 def replay_persisted(uri: str | None = None) -> dict:
     """Deliver the journals under outbox_dir() that no live process holds, run by run and in order, to the
     tracking server (the current MLFLOW_TRACKING_URI; journals of another server are left alone).
-    Returns counts: delivered, refused, left, runs (fully replayed), and other_server (runs skipped)."""
+    Returns counts: delivered, refused, left, runs (fully replayed), and the runs skipped: other_server,
+    and live (journals a live stage holds and replays itself; their calls count in `left`)."""
     root = outbox_dir()
-    counts = {"delivered": 0, "refused": 0, "left": 0, "runs": 0, "other_server": 0}
+    counts = {"delivered": 0, "refused": 0, "left": 0, "runs": 0, "other_server": 0, "live": 0}
     folders = sorted(p for p in root.iterdir() if (p / CALLS).is_file()) if root.is_dir() else []
     if not folders:
         return counts
@@ -307,11 +308,14 @@ def replay_persisted(uri: str | None = None) -> dict:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a live stage still appends to it and replays it itself
-                continue
+                skipped = "live"
+            else:
+                same = json.loads((folder / META).read_text()).get("uri") == redact_url(uri)
+                skipped = None if same else "other_server"
             if not (folder / CALLS).is_file():
                 continue
-            if json.loads((folder / META).read_text()).get("uri") != redact_url(uri):
-                counts["other_server"] += 1
+            if skipped:
+                counts[skipped] += 1
                 counts["left"] += len((folder / CALLS).read_text().splitlines())
                 continue
             done = _deliver(folder, client, uri)

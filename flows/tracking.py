@@ -275,9 +275,10 @@ def flush_main(argv: list[str] | None = None) -> int:
     except VimError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    live = f", {counts['live']} runs of them held by a live stage" if counts["live"] else ""
     print(
         f"delivered {counts['delivered']} kept tracking calls ({counts['runs']} runs complete, "
-        f"{counts['refused']} refused by the server); {counts['left']} still kept in {outbox_dir()}"
+        f"{counts['refused']} refused by the server); {counts['left']} still kept in {outbox_dir()}{live}"
     )
     return 1 if counts["left"] else 0
 

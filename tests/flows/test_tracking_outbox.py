@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from flows import mlflow_run, outbox
+from flows import mlflow_run, outbox, tracking
 from flows.tracking import stage_run
 from tests import servers
 from tests.mlflow_server import start_mlflow
@@ -185,8 +185,11 @@ def test_a_stage_killed_during_an_outage_keeps_its_held_calls_for_the_next_stage
         journal = outbox.outbox_dir() / run_id
         assert len((journal / "calls.jsonl").read_text().splitlines()) == 3  # on disk before any close
         _restart(live)
-        # the holder is alive (and would replay it itself): no one else replays its journal
-        assert outbox.replay_persisted()["delivered"] == 0 and journal.is_dir()
+        # the holder is alive (and would replay it itself): no one else replays its journal, and a flush
+        # says its calls are still kept
+        counts = outbox.replay_persisted()
+        assert (counts["delivered"], counts["live"], counts["left"]) == (0, 1, 3) and journal.is_dir()
+        assert tracking.flush_main(["flush"]) == 1
     finally:
         child.kill()
         child.wait()
